@@ -1,0 +1,259 @@
+"""Exact, globally optimal 1D k-means of fp16 values, compiled with numba.
+
+fp16 has at most 63,488 distinct finite values, so a tensor of any size reduces in one O(n) pass
+to a weighted histogram over them. The optimal partition of the sorted distinct values into k
+contiguous clusters is then a dynamic program, D[k][j] = min_i D[k-1][i-1] + cost(i, j), whose
+argmin is monotone in j and in k (the cost is Monge), so each layer is solved by divide and
+conquer within the bounds the previous layer gives. One pass up to K clusters yields the optimal
+cost, and the partition, of every cluster count up to K: all bit-widths of a tensor come together.
+
+Values are handled as *keys*: the fp16 bit pattern mapped so that integer order is value order.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+N_KEYS = 1 << 16
+
+
+def _key_values() -> np.ndarray:
+    """The fp16 value of every key, as float64 (NaN where the key is a NaN pattern)."""
+    keys = np.arange(N_KEYS, dtype=np.uint32)
+    bits = np.where(keys & 0x8000, keys ^ 0x8000, ~keys & 0xFFFF).astype(np.uint16)
+    return bits.view(np.float16).astype(np.float64)
+
+
+KEY_VALUES = _key_values()
+
+
+@nb.njit(parallel=True, cache=True)
+def fp16_keys(bits: np.ndarray) -> np.ndarray:
+    """Order-preserving uint16 keys of fp16 bit patterns (any shape, flattened); -0 maps to +0."""
+    flat = bits.ravel()
+    out = np.empty(flat.size, dtype=np.uint16)
+    for e in nb.prange(flat.size):
+        b = flat[e]
+        if b == 0x8000:
+            b = 0
+        out[e] = (b | 0x8000) if (b & 0x8000) == 0 else (~b & 0xFFFF)
+    return out
+
+
+@nb.njit(cache=True)
+def _histogram(keys: np.ndarray, weights: np.ndarray, key_values: np.ndarray):
+    """Sorted distinct values of one group and their total weights (counts when unweighted)."""
+    hist = np.zeros(N_KEYS, dtype=np.float64)
+    if weights.size == 0:
+        for e in range(keys.size):
+            hist[keys[e]] += 1.0
+    else:
+        for e in range(keys.size):
+            hist[keys[e]] += weights[e]
+    n = 0
+    for k in range(N_KEYS):
+        if hist[k] > 0.0:
+            n += 1
+    xs = np.empty(n, dtype=np.float64)
+    ws = np.empty(n, dtype=np.float64)
+    n = 0
+    for k in range(N_KEYS):
+        if hist[k] > 0.0:
+            xs[n] = key_values[k]
+            ws[n] = hist[k]
+            n += 1
+    return xs, ws
+
+
+@nb.njit(cache=True)
+def _cost(p0, p1, p2, i, j):
+    """Weighted sum of squared deviations of values i..j (inclusive) from their mean."""
+    s0 = p0[j + 1] - p0[i]
+    if s0 <= 0.0:
+        return 0.0
+    s1 = p1[j + 1] - p1[i]
+    c = (p2[j + 1] - p2[i]) - s1 * s1 / s0
+    return c if c > 0.0 else 0.0
+
+
+# Knuth's bounds start[k-1][j] <= start[k][j] <= start[k][j+1] narrow each search to about
+# n / k^2 candidates, which beats divide and conquer's ~log n per end once k^2 * ratio >= n.
+KNUTH_RATIO = 4
+
+
+@nb.njit(cache=True, inline="always")
+def _best_start(mid, lo, hi, p0, p1, p2, prev, buf):
+    """min over i in [lo, hi] of prev[i-1] + cost(i, mid): (cost, smallest argmin)."""
+    s0 = p0[mid + 1]
+    s1 = p1[mid + 1]
+    s2 = p2[mid + 1]
+    for i in range(lo, hi + 1):  # branch-free, so that LLVM vectorises it
+        a0 = s0 - p0[i]
+        a1 = s1 - p1[i]
+        buf[i - lo] = prev[i - 1] + (s2 - p2[i]) - a1 * a1 / a0
+    best = np.inf
+    arg = lo
+    for i in range(hi - lo + 1):
+        if buf[i] < best:
+            best = buf[i]
+            arg = lo + i
+    return best, arg
+
+
+@nb.njit(cache=True)
+def _layer_knuth(k, n, p0, p1, p2, prev, cur, starts):
+    """Layer k by Knuth's bounds, ends from right to left (a handful of candidates each)."""
+    upper = n - 1
+    for j in range(n - 1, k - 1, -1):
+        s0 = p0[j + 1]
+        s1 = p1[j + 1]
+        s2 = p2[j + 1]
+        best = np.inf
+        arg = upper
+        for i in range(max(starts[k - 1, j], k), min(upper, j) + 1):
+            a0 = s0 - p0[i]
+            a1 = s1 - p1[i]
+            c = prev[i - 1] + (s2 - p2[i]) - a1 * a1 / a0
+            if c < best:
+                best = c
+                arg = i
+        cur[j] = best
+        starts[k, j] = arg
+        upper = arg
+
+
+@nb.njit(cache=True)
+def _layer_split(k, n, p0, p1, p2, prev, cur, starts, buf, stack):
+    """Layer k by divide and conquer on the monotone argmin, within the previous layer's bound."""
+    stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = k, n - 1, k, n - 1
+    top = 1
+    while top > 0:
+        top -= 1
+        jlo, jhi, ilo, ihi = stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3]
+        if jlo > jhi:
+            continue
+        mid = (jlo + jhi) // 2
+        lo = max(ilo, starts[k - 1, mid])
+        best, arg = _best_start(mid, lo, min(mid, ihi), p0, p1, p2, prev, buf)
+        cur[mid] = best
+        starts[k, mid] = arg
+        stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = jlo, mid - 1, ilo, arg
+        stack[top + 1, 0], stack[top + 1, 1] = mid + 1, jhi
+        stack[top + 1, 2], stack[top + 1, 3] = arg, ihi
+        top += 2
+
+
+@nb.njit(cache=True)
+def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray):
+    """Optimal k-means of weighted sorted values for every k <= kmax.
+
+    Returns (costs[k-1] for k = 1..kmax, centroids[len(ks), max(ks)]) where row r holds the
+    ascending centroids of the optimal ks[r]-partition, padded by repeating the last one when
+    there are fewer distinct values than clusters.
+    """
+    n = xs.size
+    kk = min(kmax, n)
+    shift = np.sum(xs * ws) / np.sum(ws)  # centring keeps the prefix sums well conditioned
+    p0 = np.zeros(n + 1)
+    p1 = np.zeros(n + 1)
+    p2 = np.zeros(n + 1)
+    for t in range(n):
+        x = xs[t] - shift
+        p0[t + 1] = p0[t] + ws[t]
+        p1[t + 1] = p1[t] + ws[t] * x
+        p2[t + 1] = p2[t] + ws[t] * x * x
+    starts = np.zeros((kk, n), dtype=np.int32)  # start of the last cluster, per layer and end
+    prev = np.empty(n)
+    for j in range(n):
+        prev[j] = _cost(p0, p1, p2, 0, j)
+    costs = np.zeros(kmax)
+    costs[0] = prev[n - 1]
+    cur = np.empty(n)
+    buf = np.empty(n)
+    stack = np.empty((64, 4), dtype=np.int64)
+    for k in range(1, kk):
+        cur[:] = np.inf
+        if k * k * KNUTH_RATIO >= n:
+            _layer_knuth(k, n, p0, p1, p2, prev, cur, starts)
+        else:
+            _layer_split(k, n, p0, p1, p2, prev, cur, starts, buf, stack)
+        costs[k] = cur[n - 1]
+        prev, cur = cur, prev
+    for k in range(kk, kmax):
+        costs[k] = 0.0  # as many clusters as distinct values: exact
+    kmax_out = 0
+    for r in range(ks.size):
+        kmax_out = max(kmax_out, ks[r])
+    centroids = np.empty((ks.size, kmax_out))
+    for r in range(ks.size):
+        m = min(ks[r], n)
+        j = n - 1
+        for layer in range(m - 1, -1, -1):
+            i = starts[layer, j] if layer > 0 else 0
+            centroids[r, layer] = (p1[j + 1] - p1[i]) / (p0[j + 1] - p0[i]) + shift
+            j = i - 1
+        for t in range(m, ks[r]):
+            centroids[r, t] = centroids[r, m - 1]
+    return costs, centroids
+
+
+@nb.njit(parallel=True, cache=True)
+def fit_groups(keys: np.ndarray, weights: np.ndarray, ks: np.ndarray, key_values: np.ndarray):
+    """Exact k-means of every row of `keys` (groups x elements) for each cluster count in `ks`.
+
+    `weights` is groups x elements, or empty for plain counts. Returns (costs[g, k-1] for every
+    k <= max(ks), centroids[g, r, :ks[r]] ascending, float64 before rounding to fp16).
+    """
+    g_count = keys.shape[0]
+    kmax = 0
+    for r in range(ks.size):
+        kmax = max(kmax, ks[r])
+    costs = np.zeros((g_count, kmax))
+    centroids = np.zeros((g_count, ks.size, kmax))
+    for g in nb.prange(g_count):
+        w = weights[g] if weights.size else np.empty(0)
+        xs, ws = _histogram(keys[g], w, key_values)
+        c, cen = _solve(xs, ws, kmax, ks)
+        costs[g] = c
+        centroids[g, :, : cen.shape[1]] = cen
+    return costs, centroids
+
+
+@nb.njit(parallel=True, cache=True)
+def assign_nearest(keys: np.ndarray, luts: np.ndarray, key_values: np.ndarray) -> np.ndarray:
+    """Index of the nearest LUT entry (ties to the lower index) for every element of every group.
+
+    `keys` is groups x elements, `luts` groups x entries (ascending float64 of the fp16 LUT).
+    """
+    g_count, m = keys.shape
+    n_entries = luts.shape[1]
+    out = np.empty((g_count, m), dtype=np.uint8)
+    for g in nb.prange(g_count):
+        table = np.empty(N_KEYS, dtype=np.uint8)
+        known = np.zeros(N_KEYS, dtype=np.bool_)
+        lut = luts[g]
+        for e in range(m):
+            key = keys[g, e]
+            if not known[key]:
+                x = key_values[key]
+                lo, hi = 0, n_entries  # first entry >= x
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if lut[mid] < x:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                if lo == n_entries:
+                    best = n_entries - 1
+                elif lo == 0:
+                    best = 0
+                else:
+                    below = lo - 1
+                    while below > 0 and lut[below - 1] == lut[below]:
+                        below -= 1  # first of equal entries
+                    best = below if x - lut[below] <= lut[lo] - x else lo
+                table[key] = best
+                known[key] = True
+            out[g, e] = table[key]
+    return out

@@ -1,0 +1,216 @@
+"""One weight tensor -> `Palette`: exact 1D k-means on fp16 values, or vector k-means (faiss).
+
+No torch.nn knowledge here: a weight is a tensor whose axis 0 is the output channels.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _exact1d
+from .spec import PaletteSpec
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class Palette:
+    """A palettized weight in Core ML's layout.
+
+    lut:     float16 (groups, 2^nbits, cluster_dim); groups of `group_size` output channels.
+    indices: uint8 (out_channels // cluster_dim, *weight.shape[1:]); a vector index covers
+             `cluster_dim` consecutive output channels at one position.
+    scale:   float16 (out_channels,) when `spec.per_channel_scale`, else None.
+    """
+
+    lut: torch.Tensor
+    indices: torch.Tensor
+    spec: PaletteSpec
+    scale: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the weight this palette reproduces."""
+        return (self.indices.shape[0] * self.spec.cluster_dim, *self.indices.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        """Exact stored size: bit-packed indices, fp16 LUTs and scales."""
+        return self.spec.nbytes(self.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fake-palettized fp16 weight, LUT[indices] (times the scale): what Core ML computes."""
+        groups, _, d = self.lut.shape
+        out_channels = self.shape[0]
+        rows = out_channels // d
+        idx = self.indices.reshape(rows, -1).long()
+        rows_per_group = rows // groups
+        group_of_row = torch.arange(rows) // rows_per_group
+        vals = self.lut[group_of_row[:, None], idx]  # rows x positions x d
+        w = vals.permute(0, 2, 1).reshape(out_channels, -1)
+        if self.scale is not None:
+            w = (w.float() * self.scale.float()[:, None]).half()
+        return w.reshape(self.shape)
+
+
+def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
+    """Raise ValueError naming `name` for weights that cannot be palettized."""
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name}: dtype {weight.dtype} is not a float type; palettization needs float weights "
+            "(dequantize integer or bool weights first)"
+        )
+    if weight.numel() == 0 or weight.dim() == 0:
+        raise ValueError(f"{name}: empty or scalar tensor of shape {tuple(weight.shape)}")
+    w = weight.detach()
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{name}: {bad} NaN/Inf value(s); fix the weights before palettizing")
+    if not bool(torch.isfinite(w.to(torch.float16)).all()):
+        raise ValueError(
+            f"{name}: values beyond the fp16 range (|w| > 65504) cannot be stored in a fp16 LUT"
+        )
+
+
+def _check_importance(importance: torch.Tensor, weight: torch.Tensor, name: str) -> np.ndarray:
+    if tuple(importance.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"{name}: importance shape {tuple(importance.shape)} != weight shape {tuple(weight.shape)}"
+        )
+    imp = importance.detach().to(torch.float64).cpu().numpy()
+    if not np.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError(f"{name}: importance must be finite and >= 0")
+    mean = imp.mean()
+    # Normalised, with a floor so that every value still counts a little: a weight nobody's
+    # gradient touched is still used by the model.
+    return (imp / mean if mean > 0 else np.ones_like(imp)) + 1e-6
+
+
+def _scaled_rows(w16: np.ndarray, per_channel_scale: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(out_channels, rest) fp16 rows, normalised per channel by max|w| as coremltools does."""
+    rows = w16.reshape(w16.shape[0], -1)
+    if not per_channel_scale:
+        return rows, None
+    scale = np.abs(rows).max(axis=1)
+    scale[scale == 0] = 1
+    return rows / scale[:, None], scale
+
+
+def _fit_scalar(
+    rows: np.ndarray, groups: int, specs: Sequence[PaletteSpec], importance: np.ndarray | None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(lut, indices) for each spec from one exact DP per group up to the largest LUT."""
+    keys = _exact1d.fp16_keys(rows.view(np.uint16)).reshape(groups, -1)
+    weights = importance.reshape(groups, -1) if importance is not None else np.empty((0, 0))
+    ks = np.array(sorted({s.n_entries for s in specs}), dtype=np.int64)
+    _, centroids = _exact1d.fit_groups(keys, weights, ks, _exact1d.KEY_VALUES)
+    out = []
+    for spec in specs:
+        r = int(np.searchsorted(ks, spec.n_entries))
+        lut16 = centroids[:, r, : spec.n_entries].astype(np.float16)
+        idx = _exact1d.assign_nearest(keys, lut16.astype(np.float64), _exact1d.KEY_VALUES)
+        out.append((lut16[:, :, None], idx))
+    return out
+
+
+def _fit_vector(
+    rows: np.ndarray, spec: PaletteSpec, groups: int, importance: np.ndarray | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vector k-means with faiss per group; vectors are `cluster_dim` consecutive channels."""
+    import faiss
+
+    d, k = spec.cluster_dim, spec.n_entries
+    out_channels, positions = rows.shape
+    # (groups, rows_per_group/d, d, positions) -> vectors (groups, rows_per_group/d * positions, d)
+    vecs = rows.reshape(groups, -1, d, positions).transpose(0, 1, 3, 2).reshape(groups, -1, d)
+    wts = None
+    if importance is not None:
+        wts = importance.reshape(groups, -1, d, positions).sum(axis=2).reshape(groups, -1)
+    luts = np.empty((groups, k, d), dtype=np.float16)
+    idx = np.empty(vecs.shape[:2], dtype=np.uint8)
+    for g in range(groups):
+        x = np.ascontiguousarray(vecs[g], dtype=np.float32)
+        uniq = np.unique(x, axis=0)
+        if len(uniq) <= k:
+            cent = uniq
+        else:
+            km = faiss.Kmeans(d, k, niter=25, seed=seed + g, verbose=False)
+            km.train(x, weights=None if wts is None else wts[g].astype(np.float32))
+            cent = km.centroids
+        cent16 = np.unique(cent.astype(np.float16), axis=0)  # canonical, sorted LUT order
+        cent16 = np.concatenate([cent16, np.repeat(cent16[-1:], k - len(cent16), axis=0)])
+        index = faiss.IndexFlatL2(d)
+        index.add(cent16.astype(np.float32))
+        _, lab = index.search(x, 1)
+        luts[g] = cent16
+        idx[g] = lab[:, 0]
+    indices = idx.reshape(groups, -1, positions).reshape(out_channels // d, positions)
+    return luts, indices
+
+
+def fit_palettes(
+    weight: torch.Tensor,
+    specs: Sequence[PaletteSpec],
+    importance: torch.Tensor | None = None,
+    *,
+    seed: int = 0,
+    name: str = "weight",
+) -> list[Palette]:
+    """Palettes of one weight for several specs, sharing work: scalar specs with the same layout
+    come from one exact DP pass up to their largest LUT."""
+    check_weight(weight, name)
+    specs = list(specs)
+    for s in specs:
+        if not isinstance(s, PaletteSpec):
+            raise ValueError(f"{name}: expected PaletteSpec, got {type(s).__name__}")
+        s.n_groups(weight.shape[0], name)
+    imp = _check_importance(importance, weight, name) if importance is not None else None
+    w16 = weight.detach().to(torch.float16).cpu().numpy()
+    shape = tuple(weight.shape)
+    by_layout: dict[tuple, list[int]] = defaultdict(list)
+    for i, s in enumerate(specs):
+        by_layout[(s.granularity, s.group_size, s.cluster_dim, s.per_channel_scale)].append(i)
+    result: list[Palette | None] = [None] * len(specs)
+    for (_, _, cluster_dim, per_channel_scale), members in by_layout.items():
+        rows, scale = _scaled_rows(w16, per_channel_scale)
+        groups = specs[members[0]].n_groups(shape[0], name)
+        scale_t = torch.from_numpy(scale.astype(np.float16)) if scale is not None else None
+        if cluster_dim == 1:
+            fitted = _fit_scalar(rows, groups, [specs[i] for i in members], imp)
+        else:
+            fitted = [_fit_vector(rows, specs[i], groups, imp, seed) for i in members]
+        for i, (lut, idx) in zip(members, fitted):
+            d = specs[i].cluster_dim
+            indices = torch.from_numpy(np.ascontiguousarray(idx)).reshape(shape[0] // d, *shape[1:])
+            result[i] = Palette(torch.from_numpy(lut), indices, specs[i], scale_t)
+    return result  # type: ignore[return-value]
+
+
+def fit_palette(
+    weight: torch.Tensor,
+    spec: PaletteSpec,
+    importance: torch.Tensor | None = None,
+    *,
+    seed: int = 0,
+    name: str = "weight",
+) -> Palette:
+    """Palettize one weight: the optimal LUT under `spec` (weighted by `importance` if given)."""
+    return fit_palettes(weight, [spec], importance, seed=seed, name=name)[0]
+
+
+def optimal_costs(weight: torch.Tensor, max_clusters: int = 256) -> np.ndarray:
+    """Optimal per-tensor k-means cost (sum of squared errors) of `weight` for k = 1..max_clusters,
+    from a single DP pass (before fp16 rounding of the centroids)."""
+    check_weight(weight)
+    w16 = weight.detach().to(torch.float16).cpu().numpy().reshape(1, -1)
+    keys = _exact1d.fp16_keys(w16.view(np.uint16)).reshape(1, -1)
+    ks = np.array([max_clusters], dtype=np.int64)
+    costs, _ = _exact1d.fit_groups(keys, np.empty((0, 0)), ks, _exact1d.KEY_VALUES)
+    return costs[0]
