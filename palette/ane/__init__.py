@@ -1,0 +1,15 @@
+"""ANE-friendly split-einsum attention: reversible rewrite and its validation."""
+
+from palette.ane.split_einsum import SplitEinsumState, is_split_einsum, restore_attention, split_einsum
+from palette.ane.validate import ProgramOps, SplitEinsumReport, psnr, validate_split_einsum
+
+__all__ = [
+    "ProgramOps",
+    "SplitEinsumReport",
+    "SplitEinsumState",
+    "is_split_einsum",
+    "psnr",
+    "restore_attention",
+    "split_einsum",
+    "validate_split_einsum",
+]

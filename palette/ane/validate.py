@@ -1,0 +1,230 @@
+"""`validate_split_einsum`: check that the split-einsum rewrite is exact and ANE-shaped.
+
+Numerically: run the model as is and rewritten on the same inputs, compare outputs (PSNR as Apple
+computes it, max abs error). Structurally: convert both to a Core ML program and, among the ops that
+come from attention modules (attributed by the torch module types coremltools records in each MIL
+op's scope), count transpose and reshape ops and check that einsum/matmul/softmax stay rank 4.
+The model is always left as it was, even if a step fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from palette.ane.diffusers_attention import DiffusersUndo
+from palette.ane.split_einsum import SplitEinsumState, is_split_einsum, restore_attention, split_einsum
+
+LAYOUT_OPS = ("transpose", "reshape")
+ATTENTION_OPS = ("einsum", "matmul", "softmax", "scaled_dot_product_attention")
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Apple's PSNR: 20 log10((max|ref| + 1e-5) / (rms(x - ref) + 1e-10)) per sample, averaged."""
+    x, ref = x.detach().double().flatten(1), ref.detach().double().flatten(1)
+    peak = ref.abs().amax(dim=1) + 1e-5
+    rms = (x - ref).pow(2).mean(dim=1).sqrt() + 1e-10
+    return float((20 * torch.log10(peak / rms)).mean())
+
+
+@dataclass
+class ProgramOps:
+    """Op counts of one converted Core ML program, overall and inside attention modules."""
+
+    total: Counter[str]
+    attention: Counter[str]
+    non_rank4: list[str] = field(default_factory=list)  # attention ops (names) with a non-rank-4 tensor
+
+    @property
+    def layout_ops(self) -> int:
+        """Transpose + reshape ops inside attention modules."""
+        return sum(self.attention[op] for op in LAYOUT_OPS)
+
+    @property
+    def layout_ops_total(self) -> int:
+        """Transpose + reshape ops in the whole program."""
+        return sum(self.total[op] for op in LAYOUT_OPS)
+
+
+@dataclass
+class SplitEinsumReport:
+    """Outcome of `validate_split_einsum`; `passed` is the acceptance test."""
+
+    variant: str
+    chunk_size: int | None
+    attention_modules: int
+    psnr: float
+    max_abs_error: float
+    original_ops: ProgramOps | None = None
+    rewrite_ops: ProgramOps | None = None
+    min_psnr: float = 60.0
+
+    @property
+    def passed(self) -> bool:
+        """PSNR at least `min_psnr`; if converted: rank-4 attention ops and fewer layout ops."""
+        if not self.psnr >= self.min_psnr:
+            return False
+        if self.original_ops is None or self.rewrite_ops is None:
+            return True
+        return not self.rewrite_ops.non_rank4 and self.rewrite_ops.layout_ops < self.original_ops.layout_ops
+
+    def __str__(self) -> str:
+        lines = [
+            f"split-einsum {self.variant} (chunk_size={self.chunk_size}), "
+            f"{self.attention_modules} attention modules rewritten",
+            f"  PSNR {self.psnr:.1f} dB (need >= {self.min_psnr:.0f}), max abs error {self.max_abs_error:.3g}",
+        ]
+        if self.original_ops is not None and self.rewrite_ops is not None:
+            o, r = self.original_ops, self.rewrite_ops
+            for op in LAYOUT_OPS:
+                lines.append(f"  {op} in attention: original {o.attention[op]}, rewrite {r.attention[op]}")
+            lines.append(
+                f"  transpose+reshape in attention: original {o.layout_ops}, rewrite {r.layout_ops}; "
+                f"whole program: original {o.layout_ops_total}, rewrite {r.layout_ops_total}"
+            )
+            lines.append(
+                "  attention ops rank 4: "
+                + ("yes" if not r.non_rank4 else f"no ({len(r.non_rank4)} ops: {r.non_rank4[:5]})")
+            )
+        lines.append("  PASSED" if self.passed else "  FAILED")
+        return "\n".join(lines)
+
+
+def validate_split_einsum(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    variant: str = "v1",
+    chunk_size: int = 512,
+    convert: bool = True,
+    min_psnr: float = 60.0,
+) -> SplitEinsumReport:
+    """Compare `model(*inputs)` with its split-einsum rewrite; optionally compare converted programs.
+
+    The first tensor of the output is compared (`.sample` of a UNet, `last_hidden_state` of a text
+    encoder). Runs in eval mode without gradients; `model` is restored on the way out.
+    """
+    if is_split_einsum(model):
+        raise RuntimeError("validate_split_einsum needs the model as it is, not already rewritten")
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            reference = _first_tensor(model(*inputs))
+        original_ops = None
+        state: SplitEinsumState | None = None
+        try:
+            state = split_einsum(model, variant=variant, chunk_size=chunk_size)
+            scopes = _attention_types(state)
+            with torch.no_grad():
+                output = _first_tensor(model(*inputs))
+            rewrite_ops = _program_ops(model, inputs, scopes) if convert else None
+        finally:
+            if state is not None:
+                restore_attention(model)
+        if convert:
+            original_ops = _program_ops(model, inputs, scopes)
+        return SplitEinsumReport(
+            variant=variant,
+            chunk_size=state.chunk_size,
+            attention_modules=state.count,
+            psnr=psnr(output, reference),
+            max_abs_error=float((output - reference).abs().max()),
+            original_ops=original_ops,
+            rewrite_ops=rewrite_ops,
+            min_psnr=min_psnr,
+        )
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _attention_types(state: SplitEinsumState) -> set[str]:
+    """Class names of the attention modules, as they are before and after the rewrite."""
+    names = set()
+    for undo in state.undo:
+        if isinstance(undo, DiffusersUndo):
+            names.add(type(undo.attn).__name__)
+        else:
+            names.add(type(undo.original).__name__)
+            names.add(type(getattr(undo.parent, undo.attr)).__name__)
+    return names
+
+
+def _first_tensor(output: object) -> torch.Tensor:
+    """The main tensor of a model output: itself, the first field of a ModelOutput, or output[0]."""
+    while not isinstance(output, torch.Tensor):
+        if isinstance(output, dict):
+            output = next(iter(output.values()))
+        elif isinstance(output, (tuple, list)):
+            output = output[0]
+        else:
+            raise TypeError(f"cannot find an output tensor in {type(output).__name__}")
+    return output
+
+
+class _FirstOutput(nn.Module):
+    """Wraps a model so that tracing sees a plain tensor output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return _first_tensor(self.model(*inputs))
+
+
+def _program_ops(model: nn.Module, inputs: tuple[torch.Tensor, ...], attention_types: set[str]) -> ProgramOps:
+    """Trace and convert `model` (iOS18 mlprogram, not loaded) and count its MIL ops."""
+    import coremltools as ct
+    from coremltools.converters.mil.mil.scope import ScopeSource
+
+    with torch.no_grad():
+        traced = torch.jit.trace(_FirstOutput(model).eval(), inputs, check_trace=False)
+    ct_inputs = [
+        ct.TensorType(
+            name=f"input_{i}",
+            shape=x.shape,
+            dtype=np.int32 if not x.dtype.is_floating_point else np.float32,
+        )
+        for i, x in enumerate(inputs)
+    ]
+    mlmodel = ct.convert(
+        traced,
+        inputs=ct_inputs,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        skip_model_load=True,
+    )
+    ops = ProgramOps(Counter(), Counter())
+    for op in _walk(mlmodel._mil_program.functions["main"].operations):
+        ops.total[op.op_type] += 1
+        types = op.scopes.get(ScopeSource.TORCHSCRIPT_MODULE_TYPE, [])
+        if not attention_types.intersection(types):
+            continue
+        ops.attention[op.op_type] += 1
+        if op.op_type in ATTENTION_OPS:
+            tensors = [*_flatten(op.inputs.values()), *op.outputs]
+            ranks = {v.rank for v in tensors if v.val is None}
+            if ranks != {4}:
+                ops.non_rank4.append(op.name)
+    return ops
+
+
+def _flatten(values):
+    for value in values:
+        if isinstance(value, (tuple, list)):
+            yield from value
+        else:
+            yield value
+
+
+def _walk(operations):
+    for op in operations:
+        yield op
+        for block in op.blocks:
+            yield from _walk(block.operations)
+
