@@ -205,12 +205,20 @@ def fit_palette(
     return fit_palettes(weight, [spec], importance, seed=seed, name=name)[0]
 
 
-def optimal_costs(weight: torch.Tensor, max_clusters: int = 256) -> np.ndarray:
-    """Optimal per-tensor k-means cost (sum of squared errors) of `weight` for k = 1..max_clusters,
-    from a single DP pass (before fp16 rounding of the centroids)."""
+def optimal_costs(
+    weight: torch.Tensor, max_clusters: int = 256, importance: torch.Tensor | None = None
+) -> np.ndarray:
+    """Optimal per-tensor k-means cost (importance-weighted sum of squared errors) of `weight`'s
+    fp16 values for k = 1..max_clusters, from a single DP pass (centroids not yet rounded)."""
     check_weight(weight)
     w16 = weight.detach().to(torch.float16).cpu().numpy().reshape(1, -1)
     keys = _exact1d.fp16_keys(w16.view(np.uint16)).reshape(1, -1)
+    weights = np.empty((0, 0))
+    if importance is not None:
+        imp = importance.detach().to(torch.float64).cpu().numpy()
+        if imp.shape != tuple(weight.shape) or not np.isfinite(imp).all() or (imp <= 0).any():
+            raise ValueError("importance must be finite, > 0 and shaped like the weight")
+        weights = imp.reshape(1, -1)
     ks = np.array([max_clusters], dtype=np.int64)
-    costs, _ = _exact1d.fit_groups(keys, np.empty((0, 0)), ks, _exact1d.KEY_VALUES)
+    costs, _ = _exact1d.fit_groups(keys, weights, ks, _exact1d.KEY_VALUES)
     return costs[0]

@@ -1,0 +1,240 @@
+"""The clustering core: optimality, parity with coremltools, layouts, determinism, bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks.coreml_reference import coreml_palettize
+from palette import NBITS, PaletteSpec, fit_palette, fit_palettes, optimal_costs
+
+
+def brute_force_cost(values: np.ndarray, weights: np.ndarray, k: int) -> float:
+    """Optimal k-partition cost by trying every set of cut points of the sorted values."""
+    order = np.argsort(values, kind="stable")
+    x, w = values[order], weights[order]
+    n = len(x)
+    if k >= len(np.unique(x)):
+        return 0.0
+    best = np.inf
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        bounds = [0, *cuts, n]
+        cost = 0.0
+        for a, b in zip(bounds, bounds[1:]):
+            mean = np.sum(w[a:b] * x[a:b]) / np.sum(w[a:b])
+            cost += np.sum(w[a:b] * (x[a:b] - mean) ** 2)
+        best = min(best, cost)
+    return best
+
+
+def mse(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean((a.astype(np.float64) - ref.astype(np.float64)) ** 2))
+
+
+def heavy_tailed(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy((rng.standard_t(5, size=shape) * 0.02).astype(np.float16))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dp_equals_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = (rng.standard_t(3, size=11)).astype(np.float16)
+    costs = optimal_costs(torch.from_numpy(values), 5)
+    for k in range(1, 6):
+        ref = brute_force_cost(values.astype(np.float64), np.ones(11), k)
+        assert costs[k - 1] == pytest.approx(ref, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_weighted_dp_equals_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    values = rng.normal(size=10).astype(np.float16)
+    importance = rng.exponential(size=10)
+    costs = optimal_costs(torch.from_numpy(values), 4, torch.from_numpy(importance))
+    for k in range(1, 5):
+        ref = brute_force_cost(values.astype(np.float64), importance, k)
+        assert costs[k - 1] == pytest.approx(ref, rel=1e-9, abs=1e-12)
+
+
+def test_weighted_palette_favours_important_weights() -> None:
+    w = heavy_tailed((32, 64), seed=3)
+    imp = torch.ones(w.shape, dtype=torch.float64)
+    imp[:4] = 1000.0  # the first four channels matter most
+    spec = PaletteSpec(nbits=2)
+    plain = fit_palette(w, spec).dequantize().float()
+    weighted = fit_palette(w, spec, importance=imp).dequantize().float()
+    err = lambda d: float(((d - w.float())[:4] ** 2).mean())  # noqa: E731
+    assert err(weighted) < err(plain)
+
+
+def test_costs_of_every_cluster_count_from_one_pass_are_decreasing() -> None:
+    costs = optimal_costs(heavy_tailed((64, 300)), 256)
+    assert costs.shape == (256,)
+    assert np.all(np.diff(costs) <= 1e-15)
+    assert costs[0] > costs[255] >= 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    rows=st.sampled_from([4, 8, 16]),
+    cols=st.integers(1, 40),
+    nbits=st.sampled_from(NBITS),
+)
+def test_properties_index_range_lut_order_and_never_worse_than_coremltools(
+    seed: int, rows: int, cols: int, nbits: int
+) -> None:
+    w = heavy_tailed((rows, cols), seed)
+    pal = fit_palette(w, PaletteSpec(nbits=nbits))
+    assert pal.lut.dtype == torch.float16 and pal.indices.dtype == torch.uint8
+    assert pal.lut.shape == (1, 1 << nbits, 1)
+    assert int(pal.indices.max()) < (1 << nbits)
+    assert bool((pal.lut.flatten().diff() >= 0).all()), "LUT must be ascending"
+    ours = mse(pal.dequantize().numpy(), w.numpy())
+    theirs = mse(coreml_palettize(w.numpy(), nbits), w.numpy())
+    assert ours <= theirs * (1 + 1e-9) + 1e-18
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 6, 8])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_grouped_channel"])
+def test_parity_with_coremltools_where_it_is_exact(nbits: int, granularity: str) -> None:
+    """fp16 groups of >= 10,000 elements: coremltools uses the exact kmeans1d; we must match."""
+    w = heavy_tailed((32, 1280), seed=nbits)  # groups of 16 x 1280 = 20,480 elements
+    gs = 16 if granularity == "per_grouped_channel" else None
+    ours = mse(fit_palette(w, PaletteSpec(nbits, granularity, gs)).dequantize().numpy(), w.numpy())
+    theirs = mse(coreml_palettize(w.numpy(), nbits, granularity, 16), w.numpy())
+    assert ours <= theirs * (1 + 1e-9)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+def test_strictly_better_where_coremltools_falls_back_to_sklearn() -> None:
+    w = heavy_tailed((32, 150), seed=0)  # 4,800 elements: coremltools uses sklearn's k-means
+    for nbits in (2, 3, 4):
+        ours = mse(fit_palette(w, PaletteSpec(nbits)).dequantize().numpy(), w.numpy())
+        theirs = mse(coreml_palettize(w.numpy(), nbits), w.numpy())
+        assert ours < theirs * (1 - 1e-3), (nbits, ours, theirs)
+
+
+def test_few_distinct_values_are_exact() -> None:
+    vals = torch.tensor([-0.5, 0.25, 0.125, 1.0, -0.5, 0.0], dtype=torch.float16)
+    w = vals[torch.randint(0, 6, (16, 12), generator=torch.Generator().manual_seed(0))]
+    w[0, 0] = -0.0  # -0 and +0 are one value
+    for nbits in (3, 4, 8):
+        assert torch.equal(fit_palette(w, PaletteSpec(nbits)).dequantize(), w)
+
+
+def test_one_pass_for_many_specs_equals_separate_fits() -> None:
+    w = heavy_tailed((32, 96), seed=7)
+    specs = [PaletteSpec(b) for b in NBITS] + [
+        PaletteSpec(4, "per_grouped_channel", 8),
+        PaletteSpec(3, "per_grouped_channel", 8, per_channel_scale=True),
+    ]
+    together = fit_palettes(w, specs)
+    for spec, pal in zip(specs, together):
+        alone = fit_palette(w, spec)
+        assert torch.equal(pal.lut, alone.lut) and torch.equal(pal.indices, alone.indices)
+
+
+def test_grouped_layout_and_size() -> None:
+    w = heavy_tailed((48, 10, 3, 3), seed=1)
+    spec = PaletteSpec(4, "per_grouped_channel", 16)
+    pal = fit_palette(w, spec)
+    assert pal.lut.shape == (3, 16, 1)
+    assert pal.indices.shape == (48, 10, 3, 3)
+    assert pal.shape == (48, 10, 3, 3)
+    assert pal.nbytes == 48 * 90 * 4 // 8 + 3 * 16 * 2
+    # each group of 16 output channels uses its own LUT only
+    for g in range(3):
+        rows = pal.dequantize()[g * 16 : (g + 1) * 16]
+        assert set(rows.flatten().tolist()) <= set(pal.lut[g].flatten().tolist())
+
+
+def test_per_channel_scale_normalises_each_output_channel() -> None:
+    w = heavy_tailed((16, 64), seed=2)
+    w[3] *= 40  # one loud channel
+    pal = fit_palette(w, PaletteSpec(3, per_channel_scale=True))
+    expected_scale = w.abs().amax(dim=1)
+    assert torch.equal(pal.scale, expected_scale)
+    plain = fit_palette(w, PaletteSpec(3))
+    quiet = [i for i in range(16) if i != 3]
+    err = lambda p: float(((p.dequantize().float() - w.float())[quiet] ** 2).mean())  # noqa: E731
+    assert err(pal) < err(plain)
+    assert pal.nbytes == 16 * 64 * 3 // 8 + 8 * 2 + 16 * 2
+
+
+@pytest.mark.parametrize("cluster_dim", [2, 4])
+def test_vector_palettes_are_deterministic_and_well_formed(cluster_dim: int) -> None:
+    w = heavy_tailed((32, 40), seed=4)
+    spec = PaletteSpec(4, "per_grouped_channel", 16, cluster_dim=cluster_dim)
+    a = fit_palette(w, spec, seed=5)
+    b = fit_palette(w, spec, seed=5)
+    assert torch.equal(a.lut, b.lut) and torch.equal(a.indices, b.indices)
+    assert a.lut.shape == (2, 16, cluster_dim)
+    assert a.indices.shape == (32 // cluster_dim, 40)
+    dense = a.dequantize()
+    # a vector covers cluster_dim consecutive output channels at one position
+    g = 1
+    r, col = (16 // cluster_dim) + 1, 7
+    entry = a.lut[g, a.indices[r, col].long()]
+    assert torch.equal(dense[r * cluster_dim : (r + 1) * cluster_dim, col], entry)
+    scalar_err = mse(fit_palette(w, PaletteSpec(2, "per_grouped_channel", 16)).dequantize().numpy(), w.numpy())
+    assert mse(dense.numpy(), w.numpy()) < 4 * scalar_err  # a real clustering, not noise
+    assert a.nbytes == (32 * 40 // cluster_dim) * 4 // 8 + 2 * 16 * cluster_dim * 2
+
+
+def test_deterministic_bytes() -> None:
+    w = heavy_tailed((64, 64), seed=9)
+    specs = [PaletteSpec(b, "per_grouped_channel", 16) for b in (2, 4, 8)]
+    a, b = fit_palettes(w, specs), fit_palettes(w.clone(), specs)
+    for x, y in zip(a, b):
+        assert x.lut.numpy().tobytes() == y.lut.numpy().tobytes()
+        assert x.indices.numpy().tobytes() == y.indices.numpy().tobytes()
+
+
+@pytest.mark.parametrize(
+    "weight, spec, message",
+    [
+        (torch.ones(4, 4, dtype=torch.int32), PaletteSpec(), "not a float type"),
+        (torch.ones(4, 4, dtype=torch.bool), PaletteSpec(), "not a float type"),
+        (torch.tensor([[1.0, float("nan")]]), PaletteSpec(), "NaN/Inf"),
+        (torch.tensor([[1.0, float("inf")]]), PaletteSpec(), "NaN/Inf"),
+        (torch.tensor([[1.0, 1e6]]), PaletteSpec(), "fp16 range"),
+        (torch.empty(0, 4), PaletteSpec(), "empty"),
+        (torch.ones(20, 4), PaletteSpec(4, "per_grouped_channel", 16), "does not divide"),
+    ],
+)
+def test_bad_input_names_the_problem_and_the_layer(weight, spec, message) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        fit_palette(weight, spec, name="down.0.conv")
+    assert "down.0.conv" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"nbits": 5}, "nbits must be one of"),
+        ({"nbits": True}, "nbits must be one of"),
+        ({"granularity": "per_channel"}, "granularity must be one of"),
+        ({"cluster_dim": 3}, "cluster_dim must be one of"),
+        ({"group_size": 8}, "applies to granularity='per_grouped_channel' only"),
+        ({"granularity": "per_grouped_channel", "group_size": 0}, "positive int"),
+        ({"granularity": "per_grouped_channel", "group_size": 6, "cluster_dim": 4}, "multiple of"),
+    ],
+)
+def test_spec_validation(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        PaletteSpec(**kwargs)
+
+
+def test_spec_round_trip_and_defaults() -> None:
+    spec = PaletteSpec(3, "per_grouped_channel", cluster_dim=2, per_channel_scale=True)
+    assert spec.group_size == 16
+    assert PaletteSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="unknown PaletteSpec field"):
+        PaletteSpec.from_dict({"nbits": 4, "bits": 3})
