@@ -9,7 +9,9 @@ The model is always left as it was, even if a step fails or is interrupted.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,7 +184,9 @@ def _program_ops(model: nn.Module, inputs: tuple[torch.Tensor, ...], attention_t
     import coremltools as ct
     from coremltools.converters.mil.mil.scope import ScopeSource
 
-    with torch.no_grad():
+    # Shapes are fixed for conversion, so shape-dependent Python branches are meant to be frozen.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(_FirstOutput(model).eval(), inputs, check_trace=False)
     ct_inputs = [
         ct.TensorType(
@@ -214,7 +218,7 @@ def _program_ops(model: nn.Module, inputs: tuple[torch.Tensor, ...], attention_t
     return ops
 
 
-def _flatten(values):
+def _flatten(values: Iterable[object]) -> Iterator[object]:
     for value in values:
         if isinstance(value, (tuple, list)):
             yield from value
@@ -222,7 +226,7 @@ def _flatten(values):
             yield value
 
 
-def _walk(operations):
+def _walk(operations: Iterable) -> Iterator:
     for op in operations:
         yield op
         for block in op.blocks:
