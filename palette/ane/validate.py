@@ -98,7 +98,7 @@ class SplitEinsumReport:
 
 def validate_split_einsum(
     model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
+    inputs: torch.Tensor | tuple[torch.Tensor, ...],
     variant: str = "v1",
     chunk_size: int = 512,
     convert: bool = True,
@@ -109,6 +109,7 @@ def validate_split_einsum(
     The first tensor of the output is compared (`.sample` of a UNet, `last_hidden_state` of a text
     encoder). Runs in eval mode without gradients; `model` is restored on the way out.
     """
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     if is_split_einsum(model):
         raise RuntimeError("validate_split_einsum needs the model as it is, not already rewritten")
     modes = {module: module.training for module in model.modules()}
@@ -179,7 +180,9 @@ class _FirstOutput(nn.Module):
         return _first_tensor(self.model(*inputs))
 
 
-def _program_ops(model: nn.Module, inputs: tuple[torch.Tensor, ...], attention_types: set[str]) -> ProgramOps:
+def _program_ops(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], attention_types: set[str]
+) -> ProgramOps:
     """Trace and convert `model` (iOS18 mlprogram, not loaded) and count its MIL ops."""
     import coremltools as ct
     from coremltools.converters.mil.mil.scope import ScopeSource
