@@ -4,7 +4,7 @@ Pipeline: cluster (one tensor -> Palette) -> palettize (apply to layers) -> prob
 -> allocate (bits under a size budget) -> recipe (JSON) -> export (Core ML, safetensors).
 """
 
-from .cluster import Palette, fit_palette, fit_palettes, optimal_costs
+from .cluster import Palette, fit_palette, fit_palettes, fit_palettes_batch, optimal_costs
 from .palettize import apply_palettes, keep_original, palettize, resolve_specs, target_layers
 from .spec import NBITS, PaletteSpec
 
@@ -17,6 +17,7 @@ __all__ = [
     "apply_palettes",
     "fit_palette",
     "fit_palettes",
+    "fit_palettes_batch",
     "keep_original",
     "optimal_costs",
     "palettize",

@@ -199,42 +199,53 @@ def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray):
 
 
 @nb.njit(parallel=True, cache=True)
-def fit_groups(keys: np.ndarray, weights: np.ndarray, ks: np.ndarray, key_values: np.ndarray):
-    """Exact k-means of every row of `keys` (groups x elements) for each cluster count in `ks`.
+def fit_segments(
+    keys: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    weights: np.ndarray,
+    ks: np.ndarray,
+    key_values: np.ndarray,
+):
+    """Exact k-means of every segment keys[starts[s]:ends[s]] for each cluster count in ks.
 
-    `weights` is groups x elements, or empty for plain counts. Returns (costs[g, k-1] for every
-    k <= max(ks), centroids[g, r, :ks[r]] ascending, float64 before rounding to fp16).
+    Segments are the groups of one or of many weights, so that one call keeps both cores busy
+    whether a layer has one group or hundreds. `weights` is aligned with `keys`, or empty for
+    plain counts. Returns (costs[s, k-1] for every k <= max(ks), centroids[s, r, :ks[r]]
+    ascending, float64 before rounding to fp16).
     """
-    g_count = keys.shape[0]
+    n_seg = starts.size
     kmax = 0
     for r in range(ks.size):
         kmax = max(kmax, ks[r])
-    costs = np.zeros((g_count, kmax))
-    centroids = np.zeros((g_count, ks.size, kmax))
-    for g in nb.prange(g_count):
-        w = weights[g] if weights.size else np.empty(0)
-        xs, ws = _histogram(keys[g], w, key_values)
+    costs = np.zeros((n_seg, kmax))
+    centroids = np.zeros((n_seg, ks.size, kmax))
+    for s in nb.prange(n_seg):
+        a, b = starts[s], ends[s]
+        w = weights[a:b] if weights.size else np.empty(0)
+        xs, ws = _histogram(keys[a:b], w, key_values)
         c, cen = _solve(xs, ws, kmax, ks)
-        costs[g] = c
-        centroids[g, :, : cen.shape[1]] = cen
+        costs[s] = c
+        centroids[s, :, : cen.shape[1]] = cen
     return costs, centroids
 
 
 @nb.njit(parallel=True, cache=True)
-def assign_nearest(keys: np.ndarray, luts: np.ndarray, key_values: np.ndarray) -> np.ndarray:
-    """Index of the nearest LUT entry (ties to the lower index) for every element of every group.
-
-    `keys` is groups x elements, `luts` groups x entries (ascending float64 of the fp16 LUT).
-    """
-    g_count, m = keys.shape
+def assign_segments(
+    keys: np.ndarray, starts: np.ndarray, ends: np.ndarray, luts: np.ndarray, key_values: np.ndarray
+) -> np.ndarray:
+    """Index of the nearest LUT entry (ties to the lower index) for every element of every
+    segment keys[starts[s]:ends[s]] (others are left unset); `luts` is segments x entries,
+    ascending float64 values of the fp16 LUT."""
+    n_seg = starts.size
     n_entries = luts.shape[1]
-    out = np.empty((g_count, m), dtype=np.uint8)
-    for g in nb.prange(g_count):
+    out = np.empty(keys.size, dtype=np.uint8)
+    for s in nb.prange(n_seg):
         table = np.empty(N_KEYS, dtype=np.uint8)
         known = np.zeros(N_KEYS, dtype=np.bool_)
-        lut = luts[g]
-        for e in range(m):
-            key = keys[g, e]
+        lut = luts[s]
+        for e in range(starts[s], ends[s]):
+            key = keys[e]
             if not known[key]:
                 x = key_values[key]
                 lo, hi = 0, n_entries  # first entry >= x
@@ -255,5 +266,5 @@ def assign_nearest(keys: np.ndarray, luts: np.ndarray, key_values: np.ndarray) -
                     best = below if x - lut[below] <= lut[lo] - x else lo
                 table[key] = best
                 known[key] = True
-            out[g, e] = table[key]
+            out[e] = table[key]
     return out

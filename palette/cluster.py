@@ -103,36 +103,68 @@ def _scaled_rows(w16: np.ndarray, per_channel_scale: bool) -> tuple[np.ndarray, 
     return rows / scale[:, None], scale
 
 
-def _fit_scalar(
-    rows: np.ndarray, groups: int, specs: Sequence[PaletteSpec], importance: np.ndarray | None
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(lut, indices) for each spec from one exact DP per group up to the largest LUT."""
-    keys = _exact1d.fp16_keys(rows.view(np.uint16)).reshape(groups, -1)
-    weights = importance.reshape(groups, -1) if importance is not None else np.empty((0, 0))
-    ks = np.array(sorted({s.n_entries for s in specs}), dtype=np.int64)
-    _, centroids = _exact1d.fit_groups(keys, weights, ks, _exact1d.KEY_VALUES)
-    out = []
-    for spec in specs:
-        r = int(np.searchsorted(ks, spec.n_entries))
-        lut16 = centroids[:, r, : spec.n_entries].astype(np.float16)
-        idx = _exact1d.assign_nearest(keys, lut16.astype(np.float64), _exact1d.KEY_VALUES)
-        out.append((lut16[:, :, None], idx))
+@dataclass
+class _Layout:
+    """One weight under one (granularity, group_size, cluster_dim, per_channel_scale) layout."""
+
+    item: int
+    shape: tuple[int, ...]
+    rows: np.ndarray  # (out_channels, rest) fp16, scaled when per_channel_scale
+    scale: np.ndarray | None
+    groups: int
+    importance: np.ndarray | None
+    members: list[int]  # indices into the item's specs
+
+
+def _fit_scalar(layouts: list[_Layout], specs: list[list[PaletteSpec]]) -> dict:
+    """(lut, indices) per (item, spec index) for scalar layouts: one exact DP per group up to the
+    largest LUT any of them asks for, every group of every layout in one parallel call."""
+    keys = _exact1d.fp16_keys(np.concatenate([lo.rows.reshape(-1) for lo in layouts]).view(np.uint16))
+    weighted = any(lo.importance is not None for lo in layouts)
+    weights = np.empty(0)
+    if weighted:
+        weights = np.concatenate(
+            [lo.importance.reshape(-1) if lo.importance is not None else np.ones(lo.rows.size)
+             for lo in layouts]
+        )
+    seg_starts, first_seg, offset = [], [], 0
+    for lo in layouts:
+        first_seg.append(len(seg_starts))
+        size = lo.rows.size // lo.groups
+        seg_starts.extend(range(offset, offset + lo.rows.size, size))
+        offset += lo.rows.size
+    starts = np.array(seg_starts, dtype=np.int64)
+    ends = np.append(starts[1:], offset)
+    ks = np.array(sorted({specs[lo.item][i].n_entries for lo in layouts for i in lo.members}))
+    _, centroids = _exact1d.fit_segments(keys, starts, ends, weights, ks, _exact1d.KEY_VALUES)
+    out = {}
+    for r, k in enumerate(ks):
+        wanted = [(lo, f, i) for lo, f in zip(layouts, first_seg) for i in lo.members
+                  if specs[lo.item][i].n_entries == k]
+        segs = np.concatenate([np.arange(f, f + lo.groups) for lo, f, _ in wanted])
+        luts16 = centroids[segs, r, :k].astype(np.float16)
+        idx = _exact1d.assign_segments(
+            keys, starts[segs], ends[segs], luts16.astype(np.float64), _exact1d.KEY_VALUES
+        )
+        at = 0
+        for lo, f, i in wanted:
+            a, b = starts[f], starts[f] + lo.rows.size
+            out[lo.item, i] = (luts16[at : at + lo.groups, :, None], idx[a:b])
+            at += lo.groups
     return out
 
 
-def _fit_vector(
-    rows: np.ndarray, spec: PaletteSpec, groups: int, importance: np.ndarray | None, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _fit_vector(lo: _Layout, spec: PaletteSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Vector k-means with faiss per group; vectors are `cluster_dim` consecutive channels."""
     import faiss
 
-    d, k = spec.cluster_dim, spec.n_entries
-    out_channels, positions = rows.shape
+    d, k, groups = spec.cluster_dim, spec.n_entries, lo.groups
+    out_channels, positions = lo.rows.shape
     # (groups, rows_per_group/d, d, positions) -> vectors (groups, rows_per_group/d * positions, d)
-    vecs = rows.reshape(groups, -1, d, positions).transpose(0, 1, 3, 2).reshape(groups, -1, d)
+    vecs = lo.rows.reshape(groups, -1, d, positions).transpose(0, 1, 3, 2).reshape(groups, -1, d)
     wts = None
-    if importance is not None:
-        wts = importance.reshape(groups, -1, d, positions).sum(axis=2).reshape(groups, -1)
+    if lo.importance is not None:
+        wts = lo.importance.reshape(groups, -1, d, positions).sum(axis=2).reshape(groups, -1)
     luts = np.empty((groups, k, d), dtype=np.float16)
     idx = np.empty(vecs.shape[:2], dtype=np.uint8)
     for g in range(groups):
@@ -151,8 +183,73 @@ def _fit_vector(
         _, lab = index.search(x, 1)
         luts[g] = cent16
         idx[g] = lab[:, 0]
-    indices = idx.reshape(groups, -1, positions).reshape(out_channels // d, positions)
-    return luts, indices
+    return luts, idx.reshape(out_channels // d, positions)
+
+
+def _layouts(
+    item: int, weight: torch.Tensor, specs: list[PaletteSpec], importance, name: str
+) -> list[_Layout]:
+    check_weight(weight, name)
+    for s in specs:
+        if not isinstance(s, PaletteSpec):
+            raise ValueError(f"{name}: expected PaletteSpec, got {type(s).__name__}")
+        s.n_groups(weight.shape[0], name)
+    imp = _check_importance(importance, weight, name) if importance is not None else None
+    w16 = weight.detach().to(torch.float16).cpu().numpy()
+    by_layout: dict[tuple, list[int]] = defaultdict(list)
+    for i, s in enumerate(specs):
+        by_layout[(s.granularity, s.group_size, s.cluster_dim, s.per_channel_scale)].append(i)
+    out = []
+    for (_, _, _, per_channel_scale), members in by_layout.items():
+        rows, scale = _scaled_rows(w16, per_channel_scale)
+        groups = specs[members[0]].n_groups(weight.shape[0], name)
+        out.append(_Layout(item, tuple(weight.shape), rows, scale, groups, imp, members))
+    return out
+
+
+def fit_palettes_batch(
+    items: Sequence[tuple[torch.Tensor, Sequence[PaletteSpec], torch.Tensor | None]],
+    *,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+) -> list[list[Palette]]:
+    """Palettes for several (weight, specs, importance) items at once.
+
+    Every scalar spec of every item comes from one exact DP pass per group, all groups of all
+    items solved in one parallel call: the fast path for whole models. Every item is checked
+    before anything is fitted.
+    """
+    names = list(names) if names is not None else [f"weight[{i}]" for i in range(len(items))]
+    specs = [list(s) for _, s, _ in items]
+    layouts = [
+        lo
+        for i, (w, s, imp) in enumerate(items)
+        for lo in _layouts(i, w, specs[i], imp, names[i])
+    ]
+    fitted = {}
+    by_kmax: dict[int, list[_Layout]] = defaultdict(list)  # no group pays for a larger DP
+    for lo in layouts:
+        if specs[lo.item][lo.members[0]].cluster_dim == 1:
+            by_kmax[max(specs[lo.item][i].n_entries for i in lo.members)].append(lo)
+    for scalar in by_kmax.values():
+        fitted.update(_fit_scalar(scalar, specs))
+    for lo in layouts:
+        if specs[lo.item][lo.members[0]].cluster_dim > 1:
+            for i in lo.members:
+                fitted[lo.item, i] = _fit_vector(lo, specs[lo.item][i], seed)
+    result = []
+    for lo_item, (w, s, _) in enumerate(items):
+        pals = []
+        for i, spec in enumerate(specs[lo_item]):
+            lut, idx = fitted[lo_item, i]
+            lo = next(x for x in layouts if x.item == lo_item and i in x.members)
+            indices = torch.from_numpy(np.ascontiguousarray(idx)).reshape(
+                w.shape[0] // spec.cluster_dim, *w.shape[1:]
+            )
+            scale = torch.from_numpy(lo.scale.astype(np.float16)) if lo.scale is not None else None
+            pals.append(Palette(torch.from_numpy(np.ascontiguousarray(lut)), indices, spec, scale))
+        result.append(pals)
+    return result
 
 
 def fit_palettes(
@@ -165,32 +262,7 @@ def fit_palettes(
 ) -> list[Palette]:
     """Palettes of one weight for several specs, sharing work: scalar specs with the same layout
     come from one exact DP pass up to their largest LUT."""
-    check_weight(weight, name)
-    specs = list(specs)
-    for s in specs:
-        if not isinstance(s, PaletteSpec):
-            raise ValueError(f"{name}: expected PaletteSpec, got {type(s).__name__}")
-        s.n_groups(weight.shape[0], name)
-    imp = _check_importance(importance, weight, name) if importance is not None else None
-    w16 = weight.detach().to(torch.float16).cpu().numpy()
-    shape = tuple(weight.shape)
-    by_layout: dict[tuple, list[int]] = defaultdict(list)
-    for i, s in enumerate(specs):
-        by_layout[(s.granularity, s.group_size, s.cluster_dim, s.per_channel_scale)].append(i)
-    result: list[Palette | None] = [None] * len(specs)
-    for (_, _, cluster_dim, per_channel_scale), members in by_layout.items():
-        rows, scale = _scaled_rows(w16, per_channel_scale)
-        groups = specs[members[0]].n_groups(shape[0], name)
-        scale_t = torch.from_numpy(scale.astype(np.float16)) if scale is not None else None
-        if cluster_dim == 1:
-            fitted = _fit_scalar(rows, groups, [specs[i] for i in members], imp)
-        else:
-            fitted = [_fit_vector(rows, specs[i], groups, imp, seed) for i in members]
-        for i, (lut, idx) in zip(members, fitted):
-            d = specs[i].cluster_dim
-            indices = torch.from_numpy(np.ascontiguousarray(idx)).reshape(shape[0] // d, *shape[1:])
-            result[i] = Palette(torch.from_numpy(lut), indices, specs[i], scale_t)
-    return result  # type: ignore[return-value]
+    return fit_palettes_batch([(weight, specs, importance)], seed=seed, names=[name])[0]
 
 
 def fit_palette(
@@ -211,14 +283,15 @@ def optimal_costs(
     """Optimal per-tensor k-means cost (importance-weighted sum of squared errors) of `weight`'s
     fp16 values for k = 1..max_clusters, from a single DP pass (centroids not yet rounded)."""
     check_weight(weight)
-    w16 = weight.detach().to(torch.float16).cpu().numpy().reshape(1, -1)
-    keys = _exact1d.fp16_keys(w16.view(np.uint16)).reshape(1, -1)
-    weights = np.empty((0, 0))
+    w16 = weight.detach().to(torch.float16).cpu().numpy().reshape(-1)
+    keys = _exact1d.fp16_keys(w16.view(np.uint16))
+    weights = np.empty(0)
     if importance is not None:
         imp = importance.detach().to(torch.float64).cpu().numpy()
         if imp.shape != tuple(weight.shape) or not np.isfinite(imp).all() or (imp <= 0).any():
             raise ValueError("importance must be finite, > 0 and shaped like the weight")
-        weights = imp.reshape(1, -1)
+        weights = imp.reshape(-1)
+    bounds = np.array([0]), np.array([keys.size])
     ks = np.array([max_clusters], dtype=np.int64)
-    costs, _ = _exact1d.fit_groups(keys, weights, ks, _exact1d.KEY_VALUES)
+    costs, _ = _exact1d.fit_segments(keys, *bounds, weights, ks, _exact1d.KEY_VALUES)
     return costs[0]

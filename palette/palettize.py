@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cluster import Palette, check_weight, fit_palettes
+from .cluster import Palette, check_weight, fit_palettes_batch
 from .spec import PaletteSpec
 
 TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 DEFAULT_MIN_NUMEL = 2048
+BATCH_NUMEL = 1 << 25  # weights clustered per parallel call: both cores busy, memory bounded
 
 SpecMapping = Mapping[str, "PaletteSpec | None"]
 
@@ -40,6 +41,20 @@ def target_layers(
         and isinstance(getattr(m, "weight", None), torch.Tensor)
         and m.weight.numel() >= min_numel
     }
+
+
+def batches(names: list[str], sizes: list[int], limit: int = BATCH_NUMEL) -> Iterator[list[str]]:
+    """Consecutive runs of names whose sizes add up to at most `limit` (at least one each)."""
+    run: list[str] = []
+    total = 0
+    for name, size in zip(names, sizes):
+        if run and total + size > limit:
+            yield run
+            run, total = [], 0
+        run.append(name)
+        total += size
+    if run:
+        yield run
 
 
 def resolve_specs(
@@ -110,13 +125,17 @@ def palettize(
         check_weight(modules[name].weight, name)
         specs[name].n_groups(modules[name].weight.shape[0], name)
     palettes = {}
-    for name, spec in tqdm(specs.items(), desc="palettize", disable=not progress, leave=False):
-        imp = importance.get(name) if importance else None
-        palettes[name] = fit_palettes(modules[name].weight, [spec], imp, seed=seed, name=name)[0]
-    with torch.no_grad():
-        for name, pal in palettes.items():
-            w = modules[name].weight
-            w.copy_(pal.dequantize().reshape(w.shape).to(w.dtype))
+    names = list(specs)
+    with tqdm(total=len(names), desc="palettize", disable=not progress, leave=False) as bar:
+        for batch in batches(names, [modules[n].weight.numel() for n in names]):
+            items = [
+                (modules[n].weight, [specs[n]], importance.get(n) if importance else None)
+                for n in batch
+            ]
+            for n, (pal,) in zip(batch, fit_palettes_batch(items, seed=seed, names=batch)):
+                palettes[n] = pal
+            bar.update(len(batch))
+    apply_palettes(model, palettes)
     return palettes
 
 
