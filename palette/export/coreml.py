@@ -96,6 +96,18 @@ def check_target(palettes: Mapping[str, Palette], target: Any) -> None:
             )
 
 
+def check_numpy() -> None:
+    """coremltools 9.0's torch frontend calls int() on one-element arrays, an error under
+    numpy 2.4 when converting a diffusers UNet; fail early and say so (pyproject pins numpy<2.4)."""
+    import coremltools as ct
+
+    if ct.__version__ == "9.0" and tuple(int(x) for x in np.__version__.split(".")[:2]) >= (2, 4):
+        raise RuntimeError(
+            f"coremltools 9.0 cannot convert diffusers models under numpy {np.__version__}; "
+            "install numpy<2.4 (pip install 'numpy<2.4')"
+        )
+
+
 def _input_types(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> list:
     import coremltools as ct
 
@@ -134,6 +146,7 @@ def export_coreml(
     """
     import coremltools as ct
 
+    check_numpy()
     target = ct.target.iOS18 if minimum_deployment_target is None else minimum_deployment_target
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     palettes = recipe_palettes(model, recipe, seed=seed)

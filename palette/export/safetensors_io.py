@@ -10,13 +10,17 @@ Per palettized layer `<name>`:
                     [g*group_size, (g+1)*group_size); a vector index covers cluster_dim
                     consecutive output channels.
   `<name>.scale`    float16 (out_channels,), only with per_channel_scale: weight = LUT[indices] * scale.
-The safetensors metadata holds `format` = "palette", `format_version` = "1", `bit_order` =
-"lsb-first" and `layers`: a JSON list, in model order, of {"name", "spec": PaletteSpec fields,
-"shape": weight shape}.
+The safetensors metadata has one key, `palette`, a JSON object: `format_version` = "1",
+`bit_order` = "lsb-first", `spec_fields` (the PaletteSpec field names) and `layers`, a list in
+model order of [name, [spec field values in `spec_fields` order], weight shape] (compact, since
+the header is a visible share of small models' files). One key, because safetensors writes its
+metadata map in hash order, which changes from run to run: with one key the bytes are
+deterministic.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,6 +37,7 @@ from .recipe_input import RecipeLike, check_palette, recipe_palettes
 
 FORMAT = "palette"
 FORMAT_VERSION = "1"
+SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(PaletteSpec))
 
 
 def export_palettes(
@@ -63,14 +68,14 @@ def export_palettes(
         tensors[f"{name}.lut"] = np.ascontiguousarray(pal.lut.numpy())
         if pal.scale is not None:
             tensors[f"{name}.scale"] = np.ascontiguousarray(pal.scale.numpy())
-        layers.append({"name": name, "spec": pal.spec.to_dict(), "shape": list(pal.shape)})
-    metadata = {
-        "format": FORMAT,
+        layers.append([name, [getattr(pal.spec, f) for f in SPEC_FIELDS], list(pal.shape)])
+    header = {
         "format_version": FORMAT_VERSION,
         "bit_order": "lsb-first",
-        "layers": json.dumps(layers, sort_keys=True, separators=(",", ":")),
+        "spec_fields": list(SPEC_FIELDS),
+        "layers": layers,
     }
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata={FORMAT: json.dumps(header, sort_keys=True, separators=(",", ":"))})
     return os.path.getsize(path)
 
 
@@ -80,19 +85,19 @@ def load_palettes(path: str | os.PathLike) -> dict[str, Palette]:
 
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a palette file (metadata format={meta.get('format')!r})")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if FORMAT not in meta:
+            raise ValueError(f"{path}: not a palette file (no {FORMAT!r} key in its safetensors metadata)")
+        header = json.loads(meta[FORMAT])
+        if header.get("format_version") != FORMAT_VERSION:
             raise ValueError(
-                f"{path}: palette format version {meta.get('format_version')!r}; this palette reads {FORMAT_VERSION}"
+                f"{path}: palette format version {header.get('format_version')!r}; this palette reads {FORMAT_VERSION}"
             )
-        layers = json.loads(meta["layers"])
+        fields = header["spec_fields"]
         keys = set(f.keys())
         palettes = {}
-        for layer in layers:
-            name = layer["name"]
-            spec = PaletteSpec.from_dict(layer["spec"])
-            shape = tuple(layer["shape"])
+        for name, values, shape in header["layers"]:
+            spec = PaletteSpec.from_dict(dict(zip(fields, values)))
+            shape = tuple(shape)
             count = math.prod(shape) // spec.cluster_dim
             idx = unpack_bits(f.get_tensor(f"{name}.indices"), spec.nbits, count)
             indices = torch.from_numpy(idx).reshape(shape[0] // spec.cluster_dim, *shape[1:])

@@ -31,7 +31,8 @@ import torch
 from ..cluster import Palette
 
 BLOB_SENTINEL = 0xDEADBEEF
-WEIGHTS_SUBDIR = Path("Data/com.apple.CoreML/weights")
+# Payload bytes per item of an immediate (in-proto) tensor value; fp16 and sub-byte are `bytes`.
+IMMEDIATE_ITEM_BYTES = {"floats": 4, "ints": 4, "bools": 1, "longInts": 8, "doubles": 8}
 
 
 class VerificationError(ValueError):
@@ -109,7 +110,16 @@ def _value_bytes(value, weights_dir: Path, cache: dict) -> int:
     kind = value.WhichOneof("value")
     if kind == "blobFileValue":
         return _blob_size(weights_dir, value.blobFileValue.fileName, value.blobFileValue.offset, cache)
-    return value.immediateValue.ByteSize()
+    tensor = value.immediateValue.tensor
+    kind = tensor.WhichOneof("value")
+    if kind is None:
+        return 0
+    values = getattr(tensor, kind).values
+    if kind == "bytes":
+        return len(values)
+    if kind == "strings":
+        return sum(len(s) for s in values)
+    return len(values) * IMMEDIATE_ITEM_BYTES[kind]
 
 
 def _stored_sizes(spec, weights_dir: Path) -> dict[tuple[str, str], int]:

@@ -1,0 +1,323 @@
+"""palette.export: Core ML export, palettize_mlpackage, safetensors palettes, read-back checks.
+
+Conversions are the slow part (seconds each on 2 cores), so one mixed recipe covers every
+bit-width, both granularities, per-channel scales and vectors of 2 and 4 in a single conversion.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+ct = pytest.importorskip("coremltools")
+logging.getLogger("coremltools").setLevel(logging.ERROR)
+
+from palette import PaletteSpec, fit_palette, target_layers  # noqa: E402
+from palette.export import (  # noqa: E402
+    VerificationError,
+    export_coreml,
+    export_palettes,
+    load_palettes,
+    palettize_mlpackage,
+    verify_mlpackage,
+)
+from palette.export.packing import pack_bits, unpack_bits  # noqa: E402
+from palette.export.recipe_input import recipe_palettes  # noqa: E402
+
+WEIGHT_BIN = Path("Data/com.apple.CoreML/weights/weight.bin")
+
+# Every nbits, both granularities, per-channel scale, cluster_dim 2 and 4, and a layer kept at
+# 16 bits; group sizes divide 32, 64 and 128 channels. No vector with scale (iOS26 only).
+MIXED: list[PaletteSpec | None] = [
+    PaletteSpec(1, "per_tensor"),
+    PaletteSpec(2, "per_grouped_channel", 16),
+    PaletteSpec(3, "per_tensor", per_channel_scale=True),
+    PaletteSpec(4, "per_grouped_channel", 8, per_channel_scale=True),
+    PaletteSpec(6, "per_tensor"),
+    PaletteSpec(8, "per_grouped_channel", 32),
+    PaletteSpec(2, "per_tensor", cluster_dim=2),
+    PaletteSpec(4, "per_grouped_channel", 16, cluster_dim=4),
+    None,
+    PaletteSpec(3, "per_grouped_channel", 8, cluster_dim=2),
+    PaletteSpec(8, "per_tensor", per_channel_scale=True),
+    PaletteSpec(6, "per_grouped_channel", 16, per_channel_scale=True),
+    PaletteSpec(1, "per_grouped_channel", 16, cluster_dim=4),
+]
+
+
+def mixed_recipe(model: nn.Module) -> dict[str, PaletteSpec | None]:
+    return {name: MIXED[i % len(MIXED)] for i, name in enumerate(target_layers(model))}
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert set(after) == set(before), "export left buffers behind"
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "export changed weights"
+
+
+class _UNetSample(nn.Module):
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+    inputs = (torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 4, 32))
+    return unet, inputs
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=1000,
+        max_position_embeddings=16,
+    )
+    model = CLIPTextModel(config).eval()
+    return model, (torch.randint(0, 1000, (1, 16)),)
+
+
+@pytest.fixture(scope="module")
+def unet_export(tiny_unet, tmp_path_factory):
+    """The tiny UNet exported once with the mixed recipe (palettes fitted once, reused)."""
+    unet, inputs = tiny_unet
+    palettes = recipe_palettes(unet, mixed_recipe(unet))
+    before = snapshot(unet)
+    path = tmp_path_factory.mktemp("unet") / "Unet.mlpackage"
+    report = export_coreml(_UNetSample(unet), path, inputs, _prefixed(palettes, "unet."))
+    assert_unchanged(unet, before)
+    return palettes, path, report
+
+
+def _prefixed(palettes: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in palettes.items()}
+
+
+def test_mixed_recipe_covers_every_option(tiny_unet):
+    unet, _ = tiny_unet
+    specs = [s for s in mixed_recipe(unet).values() if s is not None]
+    assert {s.nbits for s in specs} == {1, 2, 3, 4, 6, 8}
+    assert {s.granularity for s in specs} == {"per_tensor", "per_grouped_channel"}
+    assert {s.cluster_dim for s in specs} == {1, 2, 4}
+    assert any(s.per_channel_scale for s in specs)
+    assert None in mixed_recipe(unet).values()
+
+
+def test_unet_export_is_exact(tiny_unet, unet_export):
+    unet, _ = tiny_unet
+    palettes, path, report = unet_export
+    recipe = mixed_recipe(unet)
+    assert report.n_palettized == len(palettes) == sum(s is not None for s in recipe.values())
+    assert report.n_kept == sum(s is None for s in recipe.values())
+    # Re-verify from scratch: exactly palette's LUT[indices] * scale, bit for bit.
+    again = verify_mlpackage(path, _prefixed(palettes, "unet."))
+    assert again.stored_palettized_bytes == report.stored_palettized_bytes
+    # Without per-channel scales the stored blobs are exactly the predicted bytes; with them,
+    # coremltools (below iOS26) stores one LUT per output channel.
+    for lb in report.layers:
+        if "s" in lb.label.split():
+            assert lb.stored > lb.predicted
+        else:
+            assert lb.stored == lb.predicted, lb
+
+
+def test_verification_catches_mismatches(unet_export):
+    palettes, path, _ = unet_export
+    pals = _prefixed(palettes, "unet.")
+    name, pal = next((n, p) for n, p in pals.items() if p.spec.nbits >= 2 and p.scale is None)
+    idx = pal.indices.clone()
+    idx.view(-1)[0] = (int(idx.view(-1)[0]) + 1) % pal.spec.n_entries
+    tampered = dict(pals)
+    tampered[name] = type(pal)(pal.lut, idx, pal.spec, pal.scale)
+    if not torch.equal(tampered[name].dequantize(), pal.dequantize()):
+        with pytest.raises(VerificationError, match="values differ"):
+            verify_mlpackage(path, tampered)
+    missing = dict(pals)
+    del missing[name]
+    with pytest.raises(VerificationError, match="does not palettize"):
+        verify_mlpackage(path, missing)
+    with pytest.raises(VerificationError, match="kept at 16 bits"):
+        verify_mlpackage(path, pals, kept={name: pal.dequantize().float() + 1})
+
+
+def test_safetensors_round_trip_is_exact_and_deterministic(tiny_unet, unet_export, tmp_path):
+    unet, _ = tiny_unet
+    palettes, _, _ = unet_export
+    st1, st2 = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    size = export_palettes(palettes, st1)
+    export_palettes(unet, st2, recipe=palettes)
+    assert st1.read_bytes() == st2.read_bytes()
+    loaded = load_palettes(st1)
+    assert list(loaded) == list(palettes)
+    for name, pal in palettes.items():
+        got = loaded[name]
+        assert got.spec == pal.spec
+        assert got.lut.dtype == torch.float16 and torch.equal(got.lut.view(torch.int16), pal.lut.view(torch.int16))
+        assert torch.equal(got.indices, pal.indices)
+        assert (got.scale is None) == (pal.scale is None)
+        if pal.scale is not None:
+            assert torch.equal(got.scale.view(torch.int16), pal.scale.view(torch.int16))
+    predicted = sum(p.nbytes for p in palettes.values())
+    assert size == predicted + _header_bytes(st1)  # the data is exactly the predicted bytes
+
+
+def test_palettize_mlpackage_matches_by_content(tiny_unet, unet_export, tmp_path):
+    unet, inputs = tiny_unet
+    palettes, _, _ = unet_export
+    wrapped = _UNetSample(unet)
+    fp16 = tmp_path / "fp16.mlpackage"
+    plain = export_coreml(wrapped, fp16, inputs)
+    assert plain.n_palettized == 0 and plain.n_kept == len(target_layers(unet))
+    before = snapshot(unet)
+    report = palettize_mlpackage(fp16, _prefixed(palettes, "unet."), wrapped, tmp_path / "pal.mlpackage")
+    assert_unchanged(unet, before)
+    assert report.n_palettized == len(palettes)
+    assert report.n_kept == sum(s is None for s in mixed_recipe(unet).values())
+
+    # A fine-tuned layer whose weights the package does not hold: a clear error naming it.
+    name = next(iter(palettes))
+    layer = dict(unet.named_modules())[name]
+    with torch.no_grad():
+        layer.weight[0].add_(0.5)
+    try:
+        with pytest.raises(ValueError, match=rf"unet\.{name}: no fp16 const equals its weight"):
+            palettize_mlpackage(fp16, {f"unet.{name}": PaletteSpec(4)}, wrapped, tmp_path / "bad.mlpackage")
+    finally:
+        with torch.no_grad():
+            layer.weight.copy_(before[f"{name}.weight"])
+
+
+def test_clip_text_encoder_every_bit_width(tiny_clip, tmp_path):
+    model, inputs = tiny_clip
+    names = list(target_layers(model))
+    assert len(names) == 4  # fc1, fc2 of 2 layers (32x32 projections are below the threshold)
+    before = snapshot(model)
+    first = dict(zip(names, [PaletteSpec(1), PaletteSpec(3, "per_grouped_channel", 16, per_channel_scale=True),
+                             PaletteSpec(6, "per_grouped_channel", 8, cluster_dim=2), PaletteSpec(8, per_channel_scale=True)]))
+    report = export_coreml(model, tmp_path / "clip.mlpackage", inputs, first)
+    assert report.n_palettized == 4
+    again = export_coreml(model, tmp_path / "clip2.mlpackage", inputs, first, verify=False)
+    assert (tmp_path / "clip.mlpackage" / WEIGHT_BIN).read_bytes() == (tmp_path / "clip2.mlpackage" / WEIGHT_BIN).read_bytes()
+    assert again.n_palettized == 4
+    second = dict(zip(names, [PaletteSpec(2, cluster_dim=2), PaletteSpec(4, "per_grouped_channel", 16, cluster_dim=4),
+                              None, PaletteSpec(4, "per_grouped_channel", 32)]))
+    fp16 = tmp_path / "clip16.mlpackage"
+    export_coreml(model, fp16, inputs)
+    report = palettize_mlpackage(fp16, second, model, tmp_path / "clip_pal.mlpackage")
+    assert report.n_palettized == 3 and report.n_kept == 1
+    assert report.stored_palettized_bytes == report.predicted_palettized_bytes
+    assert_unchanged(model, before)
+
+
+def test_vector_with_scale_needs_ios26(tiny_clip, tmp_path):
+    model, inputs = tiny_clip
+    name = next(iter(target_layers(model)))
+    recipe = {name: PaletteSpec(4, "per_grouped_channel", 16, cluster_dim=2, per_channel_scale=True)}
+    with pytest.raises(ValueError, match="iOS26"):
+        export_coreml(model, tmp_path / "v.mlpackage", inputs, recipe)
+    report = export_coreml(model, tmp_path / "v.mlpackage", inputs, recipe, ct.target.iOS26)
+    assert report.n_palettized == 1
+    assert report.stored_palettized_bytes == report.predicted_palettized_bytes  # LUT-first on iOS26
+
+
+def test_group_size_that_does_not_divide_is_an_error(tiny_clip, tmp_path):
+    model, inputs = tiny_clip
+    before = snapshot(model)
+    name = next(iter(target_layers(model)))  # fc1: 64 output channels
+    bad = {name: PaletteSpec(4, "per_grouped_channel", 24)}
+    with pytest.raises(ValueError, match=rf"{name}: group_size=24 does not divide its 64 output channels"):
+        export_coreml(model, tmp_path / "bad.mlpackage", inputs, bad)
+    with pytest.raises(ValueError, match="group_size=24"):
+        export_palettes(model, tmp_path / "bad.safetensors", recipe=bad)
+    assert not (tmp_path / "bad.mlpackage").exists()
+    assert_unchanged(model, before)
+
+
+def test_malformed_palettes_are_rejected(tiny_clip, tmp_path):
+    model, _ = tiny_clip
+    name = next(iter(target_layers(model)))
+    pal = fit_palette(dict(model.named_modules())[name].weight, PaletteSpec(2))
+    wrong = type(pal)(pal.lut, pal.indices, PaletteSpec(2, "per_grouped_channel", 16), pal.scale)
+    with pytest.raises(ValueError, match="LUT must be float16 of shape"):
+        export_palettes({name: wrong}, tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 6, 8])
+def test_packing_matches_coremltools(nbits):
+    from coremltools.optimize._utils import pack_elements_into_bits
+
+    rng = np.random.default_rng(nbits)
+    for count in (1, 7, 8, 13, 1000):
+        idx = rng.integers(0, 1 << nbits, count).astype(np.uint8)
+        packed = pack_bits(idx, nbits)
+        assert packed.size == math.ceil(count * nbits / 8)
+        assert packed.tobytes() == pack_elements_into_bits(idx, nbits).tobytes()
+        assert np.array_equal(unpack_bits(packed, nbits, count), idx)
+
+
+def test_default_model_unet(tmp_path):
+    """The embedded default model's UNet (trained weights when present, else its architecture)."""
+    default = pytest.importorskip("palette.models.default")
+    has_weights = (default.WEIGHTS_DIR / "config.json").exists()
+    unet = default.load_unet() if has_weights else default.make_unet()
+    recipe = {
+        name: None if i % 5 == 4 else PaletteSpec(4, "per_grouped_channel", 16) if i % 2 else PaletteSpec(6)
+        for i, name in enumerate(target_layers(unet))
+    }
+    palettes = recipe_palettes(unet, recipe)
+    cfg = unet.config
+    inputs = (
+        torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+        torch.tensor([500.0]),
+        torch.randn(1, 16, cfg.cross_attention_dim),
+    )
+    before = snapshot(unet)
+    report = export_coreml(_UNetSample(unet), tmp_path / "default.mlpackage", inputs, _prefixed(palettes, "unet."))
+    assert_unchanged(unet, before)
+    assert report.n_palettized == len(palettes)
+    assert report.stored_palettized_bytes == report.predicted_palettized_bytes
+    size = export_palettes(palettes, tmp_path / "default.safetensors")
+    predicted = sum(p.nbytes for p in palettes.values())
+    assert size == predicted + _header_bytes(tmp_path / "default.safetensors")
+    assert size / predicted - 1 < 0.02  # measured +1.2%: ~320 B of header per layer
+
+
+def _header_bytes(path: Path) -> int:
+    """safetensors' 8-byte length plus its JSON header: everything but the tensor data."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
