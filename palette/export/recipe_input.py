@@ -57,7 +57,9 @@ def recipe_palettes(model: nn.Module, recipe: RecipeLike, *, seed: int = 0) -> d
         return {}
     layers = getattr(recipe, "layers", recipe)
     modules = dict(model.named_modules())
-    if isinstance(layers, Mapping) and layers and all(isinstance(v, Palette) for v in layers.values()):
+    fitted = {n: v for n, v in layers.items() if v is not None} if isinstance(layers, Mapping) else {}
+    if fitted and all(isinstance(v, Palette) for v in fitted.values()):  # None entries stay fp16
+        layers = fitted
         unknown = [n for n in layers if not isinstance(getattr(modules.get(n), "weight", None), torch.Tensor)]
         if unknown:
             raise ValueError(f"palettes name layers the model does not have (or without a weight): {unknown[:10]}")
