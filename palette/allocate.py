@@ -1,0 +1,221 @@
+"""Mixed-bit allocation: the spec of every layer that minimises predicted output error under a size
+budget, a multiple-choice knapsack solved with a bound on how far from optimal it can be.
+
+Each target layer may stay at 16 bits or take any probed spec; its predicted error comes from
+`probe_sensitivity` (errors add across layers) and its size is exact (`PaletteSpec.nbytes`). The
+solver walks the layers' lower convex hulls in order of error saved per byte (the Lagrangian /
+LP-relaxation optimum, which bounds the best possible error from below), keeps every step that
+fits, then spends what is left on the single-layer switch that saves the most, until none fits.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .palettize import DEFAULT_MIN_NUMEL, target_layers
+from .recipe import Recipe, fixed_bytes, from_mapping
+from .spec import NBITS, PaletteSpec
+
+GB = 1e9  # budgets count decimal gigabytes
+
+
+@dataclass(frozen=True)
+class Option:
+    """One choice for one layer: a spec (None keeps 16 bits), its stored bytes, predicted error."""
+
+    spec: PaletteSpec | None
+    nbytes: int
+    error: float
+
+
+@dataclass(frozen=True)
+class Solution:
+    choice: dict[str, Option]
+    error: float  # sum of the chosen options' errors
+    lower_bound: float  # no choice within the capacity has a smaller total error
+
+    @property
+    def nbytes(self) -> int:
+        return sum(o.nbytes for o in self.choice.values())
+
+    @property
+    def gap(self) -> float:
+        """Relative distance from the bound: 0 is provably optimal."""
+        return (self.error - self.lower_bound) / self.error if self.error > 0 else 0.0
+
+
+def lower_hull(options: Sequence[Option]) -> list[Option]:
+    """The options on the lower convex hull of (bytes, error), by increasing bytes."""
+    pts = sorted(options, key=lambda o: (o.nbytes, o.error))
+    front: list[Option] = []
+    for o in pts:  # Pareto front: more bytes must buy strictly less error
+        if not front or o.error < front[-1].error:
+            if front and front[-1].nbytes == o.nbytes:
+                front.pop()
+            front.append(o)
+    hull: list[Option] = []
+    for o in front:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b if it lies on or above the segment a-o
+            if (b.error - a.error) * (o.nbytes - a.nbytes) >= (o.error - a.error) * (b.nbytes - a.nbytes):
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    return hull
+
+
+def solve(options: Mapping[str, Sequence[Option]], capacity: int) -> Solution:
+    """Multiple-choice knapsack: one option per layer, total bytes <= capacity, least total error."""
+    hulls = {n: lower_hull(opts) for n, opts in options.items()}
+    at = {n: 0 for n in hulls}
+    used = sum(h[0].nbytes for h in hulls.values())
+    if used > capacity:
+        raise ValueError(f"capacity {capacity} is below the smallest total {used}")
+    error = sum(h[0].error for h in hulls.values())
+    steps = sorted(
+        (
+            ((h[i].error - h[i + 1].error) / (h[i + 1].nbytes - h[i].nbytes), n, i)
+            for n, h in hulls.items()
+            for i in range(len(h) - 1)
+        ),
+        key=lambda s: (-s[0], s[1], s[2]),
+    )
+    bound = None
+    blocked: set[str] = set()
+    for slope, n, i in steps:
+        if n in blocked or at[n] != i:
+            continue
+        a, b = hulls[n][i], hulls[n][i + 1]
+        if used + b.nbytes - a.nbytes <= capacity:
+            used += b.nbytes - a.nbytes
+            error += b.error - a.error
+            at[n] = i + 1
+        else:
+            if bound is None:  # LP relaxation: the first step that does not fit, fractionally
+                bound = error - slope * (capacity - used)
+            blocked.add(n)
+    if bound is None:
+        bound = error
+    choice = {n: hulls[n][i] for n, i in at.items()}
+    # Spend what is left: the single-layer switch (any option, on the hull or not) saving most.
+    while True:
+        room = capacity - sum(o.nbytes for o in choice.values())
+        best = None
+        for n, opts in options.items():
+            cur = choice[n]
+            for o in opts:
+                if o.nbytes - cur.nbytes <= room and o.error < cur.error:
+                    gain = cur.error - o.error
+                    if best is None or gain > best[0]:
+                        best = (gain, n, o)
+        if best is None:
+            break
+        choice[best[1]] = best[2]
+    total = sum(o.error for o in choice.values())
+    return Solution(choice, total, min(bound, total))
+
+
+def allocate_bits(
+    model: nn.Module,
+    budget_gb: float | None = None,
+    *,
+    budget_bits: float | None = None,
+    inputs: Any = None,
+    sensitivity: Any = None,
+    nbits: Sequence[int] = NBITS,
+    granularities: Sequence[str] = ("per_tensor", "per_grouped_channel"),
+    group_size: int = 16,
+    method: str = "fast",
+    seed: int = 0,
+    min_numel: int = DEFAULT_MIN_NUMEL,
+    progress: bool = True,
+    **probe_kwargs: Any,
+) -> Recipe:
+    """The recipe with the least predicted output error whose stored size fits the budget.
+
+    `budget_gb`: decimal GB of the whole model as stored (palettized weights, LUTs, scales, and
+    every other parameter at 16 bits). `budget_bits`: average bits per target weight instead.
+    `sensitivity`: a `probe_sensitivity` result to reuse; otherwise the model is probed here with
+    `inputs` (or synthesised ones), `method`, the candidate `nbits` x `granularities`, and `seed`.
+    The model is not modified.
+    """
+    if (budget_gb is None) == (budget_bits is None):
+        raise ValueError("give exactly one of budget_gb (whole model, decimal GB) or budget_bits")
+    budget = budget_gb if budget_gb is not None else budget_bits
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"the budget must be a positive number, got {budget!r}")
+    targets = target_layers(model, min_numel)
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has no Linear/Conv layers with >= {min_numel} weights")
+    if sensitivity is None:
+        from .probe import probe_sensitivity
+
+        sensitivity = probe_sensitivity(
+            model, inputs, method=method, nbits=nbits, granularities=granularities,
+            group_size=group_size, seed=seed, min_numel=min_numel, progress=progress, **probe_kwargs,
+        )
+    options = layer_options(model, targets, sensitivity)
+    fixed = fixed_bytes(model, targets)
+    numel = sum(m.weight.numel() for m in targets.values())
+    full = fixed + 2 * numel
+    smallest = fixed + sum(min(o.nbytes for o in opts) for opts in options.values())
+    capacity = int(budget_gb * GB) if budget_gb is not None else fixed + int(budget_bits * numel / 8)
+    info: dict[str, Any] = {
+        "budget": {"gb": budget_gb, "bits": budget_bits, "bytes": capacity},
+        "method": sensitivity.method,
+        "candidates": sorted({o.spec.label for opts in options.values() for o in opts if o.spec}),
+        "probe_inputs": sensitivity.inputs_description,
+    }
+    if capacity < smallest:
+        raise ValueError(
+            f"the budget ({capacity / GB:.6f} GB, {_bits(capacity - fixed, numel):.3f} bits per "
+            f"weight) is below the smallest size reachable with these candidates: "
+            f"{smallest / GB:.6f} GB ({_bits(smallest - fixed, numel):.3f} bits per weight, every "
+            f"layer at its smallest spec; {fixed / GB:.6f} GB of other parameters stay at 16 bits)"
+        )
+    if capacity >= full:
+        note = (f"the budget ({capacity / GB:.6f} GB) holds the whole model at 16 bits "
+                f"({full / GB:.6f} GB): nothing is palettized")
+        warnings.warn(note, stacklevel=2)
+        info.update(note=note, gap=0.0)
+        return from_mapping(model, {}, min_numel=min_numel, predicted_psnr=None, seed=seed, info=info)
+    sol = solve(options, capacity - fixed)
+    mapping = {n: o.spec for n, o in sol.choice.items()}
+    palettized = {n: s for n, s in mapping.items() if s is not None}
+    info.update(predicted_mse=sol.error, lower_bound_mse=sol.lower_bound, gap=sol.gap)
+    recipe = from_mapping(model, mapping, min_numel=min_numel,
+                          predicted_psnr=sensitivity.predict_psnr(palettized), seed=seed, info=info)
+    assert recipe.size_bytes <= capacity
+    return recipe
+
+
+def _bits(nbytes: int, numel: int) -> float:
+    return 8 * nbytes / numel
+
+
+def layer_options(model: nn.Module, targets: Mapping[str, nn.Module], sensitivity: Any) -> dict[str, list[Option]]:
+    """Every layer's choices: 16 bits, or each probed spec that applies, with predicted errors."""
+    missing = [n for n in targets if n not in sensitivity.layers]
+    changed = [n for n in targets if n in sensitivity.layers
+               and tuple(sensitivity.layers[n].shape) != tuple(targets[n].weight.shape)]
+    if missing or changed:
+        raise ValueError(
+            f"the sensitivity does not match this model: {len(missing)} target layer(s) were not "
+            f"probed {missing[:5]}, {len(changed)} changed shape {changed[:5]}; probe this model"
+        )
+    out = {}
+    for n, m in targets.items():
+        opts = [Option(None, 2 * m.weight.numel(), 0.0)]
+        for i, spec in enumerate(sensitivity.specs):
+            if sensitivity.nbytes[n][i] is not None:
+                opts.append(Option(spec, sensitivity.nbytes[n][i], sensitivity.error(n, spec)))
+        out[n] = opts
+    return out
