@@ -13,10 +13,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from .cluster import fit_palettes
+from .metrics import psnr_from_mse
 
 from .palettize import DEFAULT_MIN_NUMEL, target_layers
 from .recipe import Recipe, fixed_bytes, from_mapping
@@ -27,11 +33,14 @@ GB = 1e9  # budgets count decimal gigabytes
 
 @dataclass(frozen=True)
 class Option:
-    """One choice for one layer: a spec (None keeps 16 bits), its stored bytes, predicted error."""
+    """One choice for one layer: a spec (None keeps 16 bits), its stored bytes, predicted error,
+    and the LUT of an importance-weighted palette when that is the better palette for the spec."""
 
     spec: PaletteSpec | None
     nbytes: int
     error: float
+    per_sample: np.ndarray | None = field(default=None, compare=False, repr=False)
+    lut: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,7 @@ def allocate_bits(
     method: str = "fast",
     seed: int = 0,
     min_numel: int = DEFAULT_MIN_NUMEL,
+    importance: bool = False,
     progress: bool = True,
     **probe_kwargs: Any,
 ) -> Recipe:
@@ -145,6 +155,8 @@ def allocate_bits(
     every other parameter at 16 bits). `budget_bits`: average bits per target weight instead.
     `sensitivity`: a `probe_sensitivity` result to reuse; otherwise the model is probed here with
     `inputs` (or synthesised ones), `method`, the candidate `nbits` x `granularities`, and `seed`.
+    `importance=True` also scores, per layer and spec, k-means weighted by the probe's Fisher
+    importance, and keeps it (its LUT stored in the recipe) only where it predicts less error.
     The model is not modified.
     """
     if (budget_gb is None) == (budget_bits is None):
@@ -160,9 +172,12 @@ def allocate_bits(
 
         sensitivity = probe_sensitivity(
             model, inputs, method=method, nbits=nbits, granularities=granularities,
-            group_size=group_size, seed=seed, min_numel=min_numel, progress=progress, **probe_kwargs,
+            group_size=group_size, seed=seed, min_numel=min_numel, progress=progress,
+            importance=importance, keep_sketch=importance, **probe_kwargs,
         )
     options = layer_options(model, targets, sensitivity)
+    if importance:
+        add_weighted_options(targets, sensitivity, options, seed, progress)
     fixed = fixed_bytes(model, targets)
     numel = sum(m.weight.numel() for m in targets.values())
     full = fixed + 2 * numel
@@ -189,12 +204,40 @@ def allocate_bits(
         return from_mapping(model, {}, min_numel=min_numel, predicted_psnr=None, seed=seed, info=info)
     sol = solve(options, capacity - fixed)
     mapping = {n: o.spec for n, o in sol.choice.items()}
-    palettized = {n: s for n, s in mapping.items() if s is not None}
     info.update(predicted_mse=sol.error, lower_bound_mse=sol.lower_bound, gap=sol.gap)
     recipe = from_mapping(model, mapping, min_numel=min_numel,
-                          predicted_psnr=sensitivity.predict_psnr(palettized), seed=seed, info=info)
+                          predicted_psnr=predict_psnr(sensitivity, sol.choice), seed=seed, info=info)
+    recipe.luts = {n: o.lut for n, o in sol.choice.items() if o.lut is not None}
     assert recipe.size_bytes <= capacity
     return recipe
+
+
+def predict_psnr(sensitivity: Any, choice: Mapping[str, Option]) -> float:
+    """Additive prediction of Apple's PSNR for a choice: per-sample errors summed over layers."""
+    total = sum((o.per_sample for o in choice.values() if o.spec is not None), np.zeros(len(sensitivity.peak)))
+    return float(psnr_from_mse(total, sensitivity.peak).mean())
+
+
+def add_weighted_options(
+    targets: Mapping[str, nn.Module], sensitivity: Any, options: dict[str, list[Option]], seed: int,
+    progress: bool,
+) -> None:
+    """Add, per layer and scalar spec, the importance-weighted palette where the probe predicts it
+    beats the plain one (same size, less error)."""
+    if sensitivity.importance is None or sensitivity.sketch is None:
+        raise ValueError(
+            "importance=True needs a sensitivity probed with importance=True, keep_sketch=True "
+            "(method='fast'); pass none to probe here"
+        )
+    for n in tqdm(list(options), desc="weighted k-means", disable=not progress, leave=False):
+        plain = [o for o in options[n] if o.spec is not None and o.spec.cluster_dim == 1]
+        weight = targets[n].weight
+        pals = fit_palettes(weight, [o.spec for o in plain], sensitivity.importance[n], seed=seed, name=n)
+        for o, pal in zip(plain, pals):
+            per_sample = sensitivity.estimate(n, pal, per_sample=True)
+            err = float(np.average(per_sample, weights=sensitivity.sample_size))
+            if err < o.error:
+                options[n].append(Option(o.spec, o.nbytes, err, per_sample, pal.lut))
 
 
 def _bits(nbytes: int, numel: int) -> float:
@@ -216,6 +259,7 @@ def layer_options(model: nn.Module, targets: Mapping[str, nn.Module], sensitivit
         opts = [Option(None, 2 * m.weight.numel(), 0.0)]
         for i, spec in enumerate(sensitivity.specs):
             if sensitivity.nbytes[n][i] is not None:
-                opts.append(Option(spec, sensitivity.nbytes[n][i], sensitivity.error(n, spec)))
+                opts.append(Option(spec, sensitivity.nbytes[n][i], sensitivity.error(n, spec),
+                                   sensitivity.errors_per_sample(n, spec)))
         out[n] = opts
     return out

@@ -277,6 +277,28 @@ def fit_palette(
     return fit_palettes(weight, [spec], importance, seed=seed, name=name)[0]
 
 
+def palette_from_lut(weight: torch.Tensor, spec: PaletteSpec, lut: torch.Tensor, *, name: str = "weight") -> Palette:
+    """The palette of `weight` over a given fp16 LUT (groups, 2^nbits, 1): every value takes its
+    nearest entry, exactly as `fit_palettes` assigns. Reproduces a stored (e.g. importance-
+    weighted) palette without the data that chose its LUT."""
+    (lo,) = _layouts(0, weight, [spec], None, name)
+    if spec.cluster_dim != 1:
+        raise ValueError(f"{name}: a stored LUT applies to scalar palettes only (cluster_dim=1)")
+    want = (lo.groups, spec.n_entries, 1)
+    if tuple(lut.shape) != want or lut.dtype != torch.float16:
+        raise ValueError(f"{name}: LUT must be float16 of shape {want}, got {lut.dtype} {tuple(lut.shape)}")
+    if not bool(torch.isfinite(lut).all()) or not bool((lut.flatten(1).diff(dim=1) >= 0).all()):
+        raise ValueError(f"{name}: LUT entries must be finite and ascending within each group")
+    keys = _exact1d.fp16_keys(lo.rows.reshape(-1).view(np.uint16))
+    size = lo.rows.size // lo.groups
+    starts = np.arange(0, lo.rows.size, size, dtype=np.int64)
+    luts = lut[:, :, 0].numpy().astype(np.float64)
+    idx = _exact1d.assign_segments(keys, starts, starts + size, luts, _exact1d.KEY_VALUES)
+    indices = torch.from_numpy(idx).reshape(weight.shape)
+    scale = torch.from_numpy(lo.scale.astype(np.float16)) if lo.scale is not None else None
+    return Palette(lut.clone(), indices, spec, scale)
+
+
 def optimal_costs(
     weight: torch.Tensor, max_clusters: int = 256, importance: torch.Tensor | None = None
 ) -> np.ndarray:

@@ -13,16 +13,19 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from .cluster import Palette, fit_palettes_batch, palette_from_lut
 from .measure import Measurement, measure
-from .palettize import DEFAULT_MIN_NUMEL, palettize, target_layers
+from .palettize import DEFAULT_MIN_NUMEL, apply_palettes, batches, target_layers
 from .spec import NBITS, PaletteSpec
 
 FORMAT = "palette.recipe"
@@ -79,6 +82,7 @@ class Recipe:
     seed: int = 0
     palette_version: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # budget, method, gap, chunks, notes
+    luts: dict[str, torch.Tensor] = field(default_factory=dict)  # stored LUTs (weighted k-means)
 
     @property
     def size_bytes(self) -> int:
@@ -118,11 +122,34 @@ class Recipe:
             msg.append("compute a recipe for this model with allocate_bits")
             raise ValueError("\n".join(msg))
 
-    def validate(self, model: nn.Module, inputs: Any = None, **probe_kwargs: Any) -> "Measurement":
+    def palettes(self, model: nn.Module) -> dict[str, Palette]:
+        """The palette of every palettized layer of `model` (checked first): stored LUTs where the
+        recipe has them (importance-weighted k-means), the exact k-means of the spec elsewhere.
+
+        A stored LUT was chosen for the weights the recipe was computed on; on other weights (a
+        fine-tune) those layers are clustered again, unweighted, with a warning."""
+        self.check(model)
+        modules = dict(model.named_modules())
+        luts = self.luts
+        if luts and ModelIdentity.of(model).fingerprint != self.model.fingerprint:
+            warnings.warn(
+                f"{len(luts)} layer(s) of this recipe use LUTs chosen for other weights; "
+                "they are clustered again (unweighted) for this model", stacklevel=2,
+            )
+            luts = {}
+        out = {n: palette_from_lut(modules[n].weight, self.layers[n], lut, name=n)  # type: ignore[arg-type]
+               for n, lut in luts.items()}
+        rest = [n for n in self.palettized if n not in out]
+        for batch in batches(rest, [modules[n].weight.numel() for n in rest]):
+            items = [(modules[n].weight, [self.layers[n]], None) for n in batch]
+            for n, (pal,) in zip(batch, fit_palettes_batch(items, seed=self.seed, names=batch)):
+                out[n] = pal
+        return {n: out[n] for n in self.palettized}
+
+    def validate(self, model: nn.Module, inputs: Any = None, **probe_kwargs: Any) -> Measurement:
         """Measure the real latent PSNR (and MSE, cosine) of this recipe on `model`, left unchanged;
         the size is exact by construction (`size_bytes`)."""
-        self.check(model)
-        return measure(model, self.palettized, inputs, seed=self.seed, **probe_kwargs)
+        return measure(model, self.palettes(model), inputs, seed=self.seed, **probe_kwargs)
 
     # -- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -137,11 +164,15 @@ class Recipe:
             "fixed_bytes": self.fixed_bytes,
             "predicted_psnr": self.predicted_psnr,
             "info": self.info,
-            "layers": {
-                n: {"shape": list(self.shapes[n]), "spec": None if s is None else s.to_dict()}
-                for n, s in self.layers.items()
-            },
+            "layers": {n: self._layer_dict(n) for n in self.layers},
         }
+
+    def _layer_dict(self, name: str) -> dict[str, Any]:
+        spec = self.layers[name]
+        d: dict[str, Any] = {"shape": list(self.shapes[name]), "spec": None if spec is None else spec.to_dict()}
+        if name in self.luts:
+            d["lut"] = self.luts[name].numpy().astype("<f2").tobytes().hex()
+        return d
 
     def dumps(self) -> str:
         """Deterministic JSON: same recipe, same bytes."""
@@ -171,22 +202,25 @@ class Recipe:
                 raise ValueError("layers must be a non-empty object")
             layers: dict[str, PaletteSpec | None] = {}
             shapes: dict[str, tuple[int, ...]] = {}
+            luts: dict[str, torch.Tensor] = {}
             for name, rec in d["layers"].items():
-                if not isinstance(rec, dict) or set(rec) != {"shape", "spec"}:
-                    raise ValueError(f"layer {name!r}: expected {{'shape', 'spec'}}, got {rec!r}")
+                if not isinstance(rec, dict) or not {"shape", "spec"} <= set(rec) <= {"shape", "spec", "lut"}:
+                    raise ValueError(f"layer {name!r}: expected keys shape, spec (and lut), got {rec!r}")
                 shape = tuple(_int(x, f"layer {name!r} shape") for x in rec["shape"])
                 if not shape or min(shape) < 1:
                     raise ValueError(f"layer {name!r}: bad shape {rec['shape']!r}")
                 spec = None if rec["spec"] is None else PaletteSpec.from_dict(rec["spec"])
                 if spec is not None:
                     spec.n_groups(shape[0], name)
+                if "lut" in rec:
+                    luts[name] = _lut(rec["lut"], spec, shape, name)
                 layers[name], shapes[name] = spec, shape
             psnr = d["predicted_psnr"]
             if psnr is not None and not isinstance(psnr, (int, float)):
                 raise ValueError(f"predicted_psnr must be a number or null, got {psnr!r}")
             recipe = cls(layers, shapes, _int(d["fixed_bytes"], "fixed_bytes"), model,
                          None if psnr is None else float(psnr), _int(d["seed"], "seed"),
-                         str(d["palette_version"]), dict(d["info"]))
+                         str(d["palette_version"]), dict(d["info"]), luts)
             if recipe.size_bytes != d["size_bytes"]:
                 raise ValueError(
                     f"size_bytes {d['size_bytes']} does not match its layers ({recipe.size_bytes}): "
@@ -244,6 +278,20 @@ class Recipe:
         return from_mapping(model, layers, info={"source": f"apple:{recipe_name}"})
 
 
+def _lut(text: Any, spec: PaletteSpec | None, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """A stored LUT: hex of little-endian fp16, (groups, 2^nbits, 1) for the layer's spec."""
+    if spec is None or spec.cluster_dim != 1:
+        raise ValueError(f"layer {name!r}: a stored lut needs a scalar spec")
+    want = (spec.n_groups(shape[0], name), spec.n_entries, 1)
+    try:
+        raw = bytes.fromhex(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"layer {name!r}: lut is not a hex string") from None
+    if len(raw) != 2 * math.prod(want):
+        raise ValueError(f"layer {name!r}: lut has {len(raw) // 2} entries, expected {math.prod(want)}")
+    return torch.from_numpy(np.frombuffer(raw, dtype="<f2").astype(np.float16).reshape(want))
+
+
 def _int(x: Any, what: str) -> int:
     if isinstance(x, bool) or not isinstance(x, int):
         raise ValueError(f"{what}: expected an integer, got {x!r}")
@@ -278,14 +326,14 @@ def from_mapping(
                   predicted_psnr, seed, __version__, dict(info or {}))
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe, *, progress: bool = True, seed: int | None = None):
+def apply_recipe(model: nn.Module, recipe: Recipe) -> dict[str, Palette]:
     """Palettize `model` in place as `recipe` says (names and shapes checked first); returns the
     palettes by layer name."""
     if not isinstance(recipe, Recipe):
         raise ValueError(f"expected a Recipe (Recipe.load(path)), got {type(recipe).__name__}")
-    recipe.check(model)
-    return palettize(model, recipe.palettized, min_numel=0, progress=progress,
-                     seed=recipe.seed if seed is None else seed)
+    palettes = recipe.palettes(model)
+    apply_palettes(model, palettes)
+    return palettes
 
 
 __all__ = ["NBITS", "ModelIdentity", "Recipe", "apply_recipe", "from_mapping"]

@@ -126,7 +126,7 @@ def test_round_trip_and_apply(sens, tmp_path) -> None:
     loaded = Recipe.load(path)
     assert loaded.dumps() == recipe.dumps()
     a, b = tiny_model(), tiny_model()
-    apply_recipe(a, loaded, progress=False)
+    apply_recipe(a, loaded)
     palettize(b, loaded.palettized, min_numel=0, progress=False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -134,7 +134,7 @@ def test_round_trip_and_apply(sens, tmp_path) -> None:
 def test_a_fine_tune_takes_the_recipe_by_name_and_shape(sens) -> None:
     recipe = allocate_bits(tiny_model(), budget_bits=3.0, sensitivity=sens)
     fine_tuned = tiny_model(seed=5)  # same architecture, other weights
-    pals = apply_recipe(fine_tuned, recipe, progress=False)
+    pals = apply_recipe(fine_tuned, recipe)
     assert set(pals) == set(recipe.palettized)
 
 
@@ -142,7 +142,7 @@ def test_recipe_refuses_other_architectures(sens) -> None:
     recipe = allocate_bits(tiny_model(), budget_bits=3.0, sensitivity=sens)
     other = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 128))
     with pytest.raises(ValueError, match="does not fit"):
-        apply_recipe(other, recipe, progress=False)
+        apply_recipe(other, recipe)
 
 
 def corrupt(tmp_path, recipe: Recipe, edit) -> str:
@@ -199,3 +199,24 @@ def test_size_accounting_is_exact() -> None:
     assert recipe.size_16bit_bytes == 2 * params
     expected = 2 * (params - w.numel()) + math.ceil(w.numel() * 3 / 8) + (96 // 16) * 8 * 2
     assert recipe.size_bytes == expected
+
+
+def test_importance_weighted_palettes_are_kept_only_where_better_and_round_trip(tmp_path) -> None:
+    model = tiny_model()
+    sens = probe_sensitivity(model, INPUTS, progress=False, importance=True, keep_sketch=True)
+    plain = allocate_bits(model, budget_bits=2.5, sensitivity=sens)
+    weighted = allocate_bits(model, budget_bits=2.5, sensitivity=sens, importance=True)
+    assert weighted.info["predicted_mse"] <= plain.info["predicted_mse"]
+    assert weighted.luts, "Fisher-weighted k-means should win on some layer of this model"
+    path = tmp_path / "w.json"
+    weighted.save(path)
+    loaded = Recipe.load(path)
+    assert loaded.dumps() == weighted.dumps()
+    pals = apply_recipe(tiny_model(), loaded)
+    for n, lut in loaded.luts.items():
+        assert torch.equal(pals[n].lut, lut)
+    fine_tuned = tiny_model(seed=3)
+    with pytest.warns(UserWarning, match="clustered again"):
+        apply_recipe(fine_tuned, loaded)
+    measured = weighted.validate(model, INPUTS).psnr
+    assert abs(measured - weighted.predicted_psnr) < 1.5

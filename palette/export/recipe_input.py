@@ -55,6 +55,8 @@ def recipe_palettes(model: nn.Module, recipe: RecipeLike, *, seed: int = 0) -> d
     """{layer name: Palette} for the layers `recipe` palettizes, in module order."""
     if recipe is None:
         return {}
+    if hasattr(recipe, "palettes"):  # a Recipe: its own palettes, stored LUTs included
+        return recipe.palettes(model)
     layers = getattr(recipe, "layers", recipe)
     modules = dict(model.named_modules())
     fitted = {n: v for n, v in layers.items() if v is not None} if isinstance(layers, Mapping) else {}
