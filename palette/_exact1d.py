@@ -80,6 +80,7 @@ def _cost(p0, p1, p2, i, j):
 # Knuth's bounds start[k-1][j] <= start[k][j] <= start[k][j+1] narrow each search to about
 # n / k^2 candidates, which beats divide and conquer's ~log n per end once k^2 * ratio >= n.
 KNUTH_RATIO = 4
+SWEEP_RUN = 16  # divide and conquer hands runs of fewer ends than this to a sweep
 
 
 @nb.njit(cache=True, inline="always")
@@ -125,13 +126,22 @@ def _layer_knuth(k, n, p0, p1, p2, prev, cur, starts):
 
 @nb.njit(cache=True)
 def _layer_split(k, n, p0, p1, p2, prev, cur, starts, buf, stack):
-    """Layer k by divide and conquer on the monotone argmin, within the previous layer's bound."""
+    """Layer k by divide and conquer on the monotone argmin, within the previous layer's bound;
+    short runs of ends are swept left to right instead (fewer nodes, same bounds)."""
     stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = k, n - 1, k, n - 1
     top = 1
     while top > 0:
         top -= 1
         jlo, jhi, ilo, ihi = stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3]
         if jlo > jhi:
+            continue
+        if jhi - jlo < SWEEP_RUN:
+            lo = ilo
+            for j in range(jlo, jhi + 1):
+                best, arg = _best_start(j, max(lo, starts[k - 1, j]), min(j, ihi), p0, p1, p2, prev, buf)
+                cur[j] = best
+                starts[k, j] = arg
+                lo = arg
             continue
         mid = (jlo + jhi) // 2
         lo = max(ilo, starts[k - 1, mid])
