@@ -28,6 +28,7 @@ from torch import nn
 
 from ..cluster import Palette
 from ..palettize import keep_original, target_layers
+from .chunk import ChunkedExportReport, check_chunk_limit, chunk_mlpackage, chunks_folder
 from .recipe_input import RecipeLike, recipe_palettes
 from .verify import ExportReport, verify_mlpackage
 
@@ -134,6 +135,7 @@ def export_coreml(
     verify: bool = True,
     convert_kwargs: Mapping[str, Any] | None = None,
     seed: int = 0,
+    max_chunk_bytes: int | None = None,
 ) -> ExportReport:
     """Trace `model`, convert it with palette's palettes as Core ML LUTs, save to `path`.
 
@@ -143,6 +145,12 @@ def export_coreml(
     `convert_kwargs` go to `ct.convert` (e.g. `inputs`, `outputs`). With `verify` (default) the
     saved package is read back and every weight checked bit for bit; a mismatch raises
     `VerificationError`. The model is left exactly as it was.
+
+    `max_chunk_bytes`: also split the saved program into the fewest chunks whose weights are each
+    at most that many bytes (for iOS's per-file memory limit), written with a `manifest.json` to
+    `<stem>_chunks/` beside `path` (see `chunk.chunk_mlpackage`); the returned
+    `ChunkedExportReport` holds the manifest. A weight alone over the limit is a ValueError
+    raised before converting.
     """
     import coremltools as ct
 
@@ -151,6 +159,8 @@ def export_coreml(
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     palettes = recipe_palettes(model, recipe, seed=seed)
     check_target(palettes, target)
+    if max_chunk_bytes is not None:
+        check_chunk_limit(model, palettes, max_chunk_bytes)
     modules = dict(model.named_modules())
     not_fp32 = [n for n in palettes if modules[n].weight.dtype != torch.float32]
     if not_fp32:
@@ -189,9 +199,15 @@ def export_coreml(
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     mlmodel.save(str(path))
     if not verify:
-        return ExportReport(str(path), len(palettes), len(kept), 0, sum(p.nbytes for p in palettes.values()), 0, 0, seconds=seconds)
-    t1 = time.perf_counter()
-    report = verify_mlpackage(path, palettes, kept)
-    seconds["verify"] = time.perf_counter() - t1
-    report.seconds = seconds
-    return report
+        report = ExportReport(str(path), len(palettes), len(kept), 0, sum(p.nbytes for p in palettes.values()), 0, 0, seconds=seconds)
+    else:
+        t1 = time.perf_counter()
+        report = verify_mlpackage(path, palettes, kept)
+        seconds["verify"] = time.perf_counter() - t1
+        report.seconds = seconds
+    if max_chunk_bytes is None:
+        return report
+    t2 = time.perf_counter()
+    manifest = chunk_mlpackage(path, chunks_folder(path), max_chunk_bytes, verify=verify)
+    seconds["chunk"] = time.perf_counter() - t2
+    return ChunkedExportReport(**{f.name: getattr(report, f.name) for f in dataclasses.fields(report)}, chunks=manifest)
