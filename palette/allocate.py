@@ -146,6 +146,7 @@ def allocate_bits(
     seed: int = 0,
     min_numel: int = DEFAULT_MIN_NUMEL,
     importance: bool = False,
+    max_chunk_bytes: int | None = None,
     progress: bool = True,
     **probe_kwargs: Any,
 ) -> Recipe:
@@ -178,6 +179,8 @@ def allocate_bits(
     options = layer_options(model, targets, sensitivity)
     if importance:
         add_weighted_options(targets, sensitivity, options, seed, progress)
+    if max_chunk_bytes is not None:
+        options = {n: [o for o in opts if o.nbytes <= max_chunk_bytes] or opts for n, opts in options.items()}
     fixed = fixed_bytes(model, targets)
     numel = sum(m.weight.numel() for m in targets.values())
     full = fixed + 2 * numel
@@ -208,6 +211,12 @@ def allocate_bits(
     recipe = from_mapping(model, mapping, min_numel=min_numel,
                           predicted_psnr=predict_psnr(sensitivity, sol.choice), seed=seed, info=info)
     recipe.luts = {n: o.lut for n, o in sol.choice.items() if o.lut is not None}
+    if max_chunk_bytes is not None:
+        from .export.chunk import chunks_needed, layer_bytes_in_order
+
+        example = inputs if isinstance(inputs, (torch.Tensor, tuple, dict)) else None
+        recipe.info.update(max_chunk_bytes=max_chunk_bytes,
+                           chunks=chunks_needed(layer_bytes_in_order(model, recipe, example), max_chunk_bytes))
     assert recipe.size_bytes <= capacity
     return recipe
 

@@ -220,3 +220,15 @@ def test_importance_weighted_palettes_are_kept_only_where_better_and_round_trip(
         apply_recipe(fine_tuned, loaded)
     measured = weighted.validate(model, INPUTS).psnr
     assert abs(measured - weighted.predicted_psnr) < 1.5
+
+
+def test_chunk_limit_rules_out_weights_above_it_and_counts_chunks(sens) -> None:
+    model = tiny_model()
+    limit = 4000  # the 64x96 and 96x64 weights (12,288 B at fp16) must be palettized to fit
+    recipe = allocate_bits(model, budget_bits=12.0, sensitivity=sens, max_chunk_bytes=limit)
+    for name in ("2", "4"):
+        spec = recipe.layers[name]
+        assert spec is not None and spec.nbytes(recipe.shapes[name]) <= limit
+    assert recipe.info["chunks"] >= 2
+    with pytest.raises(ValueError, match="alone"):
+        allocate_bits(model, budget_bits=12.0, sensitivity=sens, max_chunk_bytes=200)
