@@ -370,3 +370,31 @@ def test_clip_text_rewrite_is_exact_causal_and_padded(variant, chunk_size, imple
     a, b = run(model, ids), run(model, ids2)
     restore_attention(model)
     assert torch.allclose(a[:, :-1], b[:, :-1], atol=1e-6) and not torch.allclose(a[:, -1], b[:, -1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the embedded default model
+
+
+def test_default_model_rewrite_is_exact_in_the_sampler():
+    from palette.models.default import load_default
+
+    pipe = load_default()
+    unet = pipe.unet
+    prompts = ["a red circle above a blue square", ""]
+    cond = pipe.encode(prompts)  # real MiniLM embeddings, padded to 16 tokens
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, unet.config.in_channels, 32, 32, generator=g)
+    timestep = torch.tensor([999, 200])
+    ref = run(unet, sample, timestep, cond)
+    ref_images = pipe.sample(prompts[:1], steps=2, seed=0)  # with classifier-free guidance
+    # the 8x8 attention level has 64 tokens: chunks of 24 make 3 chunks, the last one short
+    for variant, chunk_size in (("v1", 512), ("v2", 24)):
+        split_einsum(unet, variant=variant, chunk_size=chunk_size)
+        try:
+            out = run(unet, sample, timestep, cond)
+            images = pipe.sample(prompts[:1], steps=2, seed=0)
+        finally:
+            restore_attention(unet)
+        assert psnr(out, ref) >= MIN_PSNR, variant
+        assert psnr(images, ref_images) >= MIN_PSNR, variant
