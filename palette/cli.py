@@ -28,6 +28,7 @@ from .palettize import apply_palettes, target_layers
 from .spec import GRANULARITIES, NBITS, PaletteSpec
 
 EXIT_USAGE = 2
+PLOT_BITS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODEL_HELP = (
     "'default' (the embedded default UNet), 'minilm' (all-MiniLM-L6-v2), a local from_pretrained "
@@ -414,11 +415,14 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     recipe = allocate_bits(loaded.model, args.budget_gb, budget_bits=args.budget_bits, sensitivity=sens,
                            importance=args.importance, seed=args.seed, progress=not args.quiet)
     out = Path(args.output)
+    if args.measure:
+        _note(args, "measuring the recipe's real output PSNR...")
+        recipe.info["measured"] = {**_measure(args, loaded, recipe.palettes(loaded.model)),
+                                   "samples": args.samples, "seed": args.seed}
     recipe.save(out)
     result = {"path": str(out), "model": loaded.label, **_recipe_summary(recipe)}
     if args.measure:
-        _note(args, "measuring the recipe's real output PSNR...")
-        result["measured"] = _measure(args, loaded, recipe.palettes(loaded.model))
+        result["measured"] = recipe.info["measured"]
     if args.plot != "none":
         plot = Path(args.plot or out.with_suffix(".png"))
         _plot(loaded.model, plot, sens, args, loaded)
@@ -436,9 +440,14 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 
 
 def _plot(model: nn.Module, path: Path, sens, args: argparse.Namespace, loaded: Loaded) -> None:
+    """The PSNR-vs-size plot; by default its mixed-bit budgets start half a bit above the
+    fewest candidate bits (below that no recipe fits)."""
     from .plot import plot_psnr_vs_size
 
-    plot_psnr_vs_size(model, path, sensitivity=sens, seed=args.seed,
+    low = min(s.nbits for s in sens.specs) + 0.5
+    bits = args.plot_bits or [b for b in PLOT_BITS if b >= low]
+    _note(args, f"measuring the PSNR-vs-size curve ({len(bits)} mixed-bit budgets and uniform palettes)...")
+    plot_psnr_vs_size(model, path, sensitivity=sens, bits=bits, seed=args.seed,
                       **loaded.probe_kwargs(args.samples, args.seed))
 
 
@@ -482,13 +491,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_coreml
 
     _note(args, "tracing and converting to Core ML (about half a minute for a small UNet)...")
-    report = export_coreml(loaded.model, out, loaded.example, recipe=recipe.palettes(loaded.model))
+    report = export_coreml(loaded.model, out, loaded.example, recipe=recipe.palettes(loaded.model),
+                           max_chunk_bytes=args.max_chunk_bytes)
     result.update(
         verified=True, palettized=report.n_palettized, kept=report.n_kept,
         stored_palettized_bytes=report.stored_palettized_bytes,
         predicted_palettized_bytes=report.predicted_palettized_bytes,
         weight_file_bytes=report.weight_file_bytes, seconds=report.seconds,
     )
+    manifest = getattr(report, "chunks", None)
+    if manifest is not None:
+        result["chunks"] = [str(p) for p in manifest.chunk_paths()]
     return _emit(args, result, report.summary())
 
 
@@ -676,9 +689,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", metavar="JSON", help="reuse a sensitivity JSON from `palette analyze` instead of probing")
     p.add_argument("-o", "--output", default="recipe.json", metavar="PATH", help="recipe JSON to write")
     p.add_argument("--plot", metavar="PNG", help="PSNR-vs-size PNG (default: the recipe path with .png; 'none' to skip)")
+    p.add_argument("--plot-bits", type=_positive_float, nargs="+", metavar="BITS",
+                   help="budgets of the plot's mixed-bit curve, bits per weight (default: 2 to 6, "
+                   "from half a bit above the fewest candidate bits)")
     p.add_argument("--importance", action="store_true",
                    help="also try Fisher-weighted k-means per layer, kept where predicted better (fast method)")
-    p.add_argument("--measure", action="store_true", help="also measure the recipe's real output PSNR")
+    p.add_argument("--measure", action="store_true",
+                   help="also measure the recipe's real output PSNR (recorded in the recipe's info)")
 
     recipe_opts = argparse.ArgumentParser(add_help=False)
     recipe_opts.add_argument("--recipe", required=True, metavar="JSON", help="recipe JSON from `palette allocate`")
@@ -693,6 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_export, "export a verified Core ML mlpackage or the palettes as safetensors",
             [common, recipe_opts])
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="NAME.mlpackage (Core ML) or NAME.safetensors (palettes)")
+    p.add_argument("--max-chunk-bytes", type=_positive, metavar="N",
+                   help="also split the mlpackage into chunks of at most N weight bytes each (iOS per-file "
+                   "memory limit), written with a manifest.json to NAME_chunks/")
 
     p = add("verify", cmd_verify, "check an mlpackage or palettes file bit for bit against a recipe and model",
             [common, recipe_opts])
