@@ -79,7 +79,7 @@ def plot_psnr_vs_size(
     mixed = []
     for b in bits:
         recipe = allocate_bits(model, budget_bits=b, sensitivity=sensitivity, seed=seed, progress=False)
-        mixed.append((recipe.size_bytes, psnr(recipe.palettized), recipe.predicted_psnr))
+        mixed.append((recipe.size_bytes, psnr(recipe.palettes(model)), recipe.predicted_psnr))
     full = from_mapping(model, {}).size_bytes
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -102,7 +102,7 @@ def plot_psnr_vs_size(
     ax.set_ylabel("output PSNR vs. original (dB)")
     ax.set_title(f"{type(model).__name__}: PSNR vs. size")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -1,0 +1,189 @@
+"""Mixed-bit allocation (issue 5): palette's recipe against uniform k-means and Apple's MBP.
+
+    python benchmarks/bench_allocate.py                    # MiniLM, then the default UNet
+    python benchmarks/bench_allocate.py --models minilm
+
+Per model: palette's fast probe once (nbits 1/2/3/4/6/8 x per_tensor, per_grouped_channel g16,
+probe inputs seed 0); Apple's MBP pre-analysis (`benchmarks/mbp_reference.py`) on the same probe
+set. At three target sizes (uniform 4-bit per-tensor k-means, 3.0 and 2.5 bits per target weight,
+LUTs included) it measures palette's recipe, uniform per-tensor k-means where it exists, and the
+MBP threshold recipe with the largest exact size within the target (thresholds swept every
+0.25 dB; more bits per layer as the threshold rises). Every PSNR is measured on held-out inputs:
+MiniLM on the 8 built-in prompts it was not probed with, the UNet on `default_probe_inputs(seed=1)`
+(held-out procedural scenes and captions at 6 timesteps). It checks that the recipe bytes are
+deterministic (twice from one probe; once more from a second probe with the same seed), and
+writes `benchmarks/psnr_vs_size_<model>.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import mbp_reference as mbp  # noqa: E402
+from palette import PaletteSpec, allocate_bits, probe_sensitivity  # noqa: E402
+from palette.measure import measure  # noqa: E402  (`palette.measure` can resolve to the module)
+from palette.plot import plot_psnr_vs_size  # noqa: E402
+from palette.probe_inputs import PROMPTS, make_probe_set  # noqa: E402
+from palette.recipe import from_mapping  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+NBITS = (1, 2, 3, 4, 6, 8)
+GRANULARITIES = ("per_tensor", "per_grouped_channel")
+SEED = 0
+MB = 1e6
+
+
+def minilm_setup() -> tuple[torch.nn.Module, dict[str, Any], Any]:
+    """MiniLM, probe kwargs (the first 8 built-in prompts), held-out inputs (the other 8)."""
+    from palette.models.minilm import load_minilm
+
+    model, tok = load_minilm()
+    t = tok(list(PROMPTS[8:16]), padding="longest", return_tensors="pt")
+    return model, {"tokenizer": tok}, {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+
+
+def default_setup() -> tuple[torch.nn.Module, dict[str, Any], Any]:
+    """The default UNet, probe kwargs (real MiniLM embeddings of the built-in prompts, its own
+    noise schedule), held-out inputs (`default_probe_inputs(seed=1)`)."""
+    from palette.models.default import default_probe_inputs, load_unet, make_scheduler
+    from palette.models.minilm import load_minilm
+
+    enc, tok = load_minilm()
+    kwargs = {"text_encoder": enc, "tokenizer": tok, "scheduler": make_scheduler()}
+    return load_unet(), kwargs, default_probe_inputs(n=8, seed=1)
+
+
+SETUPS = {"minilm": minilm_setup, "default": default_setup}
+
+
+def probe(model: torch.nn.Module, kwargs: dict[str, Any], n_probes: int):
+    return probe_sensitivity(model, method="fast", nbits=NBITS, granularities=GRANULARITIES, group_size=16,
+                             seed=SEED, n_probes=n_probes, progress=False, **kwargs)
+
+
+def mb_bits(recipe) -> str:
+    return f"{recipe.size_bytes / MB:.3f} MB ({recipe.bits_per_weight:.2f} b)"
+
+
+def cached(cache: Path | None, name: str, compute):
+    """`compute()`, pickled under `cache` (for re-runs while developing; a recorded run uses none)."""
+    path = cache / name if cache else None
+    if path and path.exists():
+        return pickle.loads(path.read_bytes())
+    value = compute()
+    if path:
+        path.write_bytes(pickle.dumps(value))
+    return value
+
+
+def run_model(key: str, n_probes: int, cache: Path | None) -> tuple[list[str], str]:
+    model, kwargs, held_out = SETUPS[key]()
+    name = type(model).__name__
+    print(f"\n=== {key}: {name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+
+    def psnr(mapping) -> float:
+        return measure(model, mapping, held_out).psnr
+
+    sens = cached(cache, f"{key}_sens_{n_probes}.pkl", lambda: probe(model, kwargs, n_probes))
+    print(f"palette fast probe: {len(sens.layers)} layers x {len(sens.specs)} specs, "
+          f"{sens.cost.forward_equivalents:g} forward-equivalents, {sens.cost.seconds:.1f} s "
+          f"({sens.cost.cluster_seconds:.1f} s clustering)")
+
+    units = make_probe_set(model, None, seed=SEED, **kwargs).units
+    ana = cached(cache, f"{key}_mbp.pkl", lambda: mbp.pre_analysis(model, units))
+    n_cand = len(ana.sizes)
+    assert ana.calls == 10 * n_cand + 19, (ana.calls, n_cand)
+    print(f"MBP pre-analysis: {n_cand} candidates (> 1e5 weights) of {len(sens.layers)} palette targets, "
+          f"{ana.calls} calls = 10 N + 19, {ana.seconds:.1f} s ({ana.cluster_seconds:.1f} s clustering)")
+    print("MBP's own recipes (Apple's 7 thresholds; PSNR on the probe set): "
+          + ", ".join(f"{k.split('_')[1]} b: {v} dB" for k, v in ana.baselines.items() if k.startswith("recipe")))
+    mbp_recipes = [from_mapping(model, mbp.mapping(r), info={"threshold": t}) for t, r in ana.sweep()]
+
+    uniform4 = from_mapping(model, sens.uniform(PaletteSpec(4)))
+    targets = [("uniform 4b size", {"budget_gb": uniform4.size_bytes / 1e9}),
+               ("3.0 bits", {"budget_bits": 3.0}), ("2.5 bits", {"budget_bits": 2.5})]
+    rows, mbp_points = [], []
+    for label, budget in targets:
+        recipe = allocate_bits(model, sensitivity=sens, seed=SEED, progress=False, **budget)
+        capacity = recipe.info["budget"]["bytes"]
+        measured = recipe.validate(model, held_out).psnr
+        uni = ""
+        if label == "uniform 4b size":
+            uni = f"{psnr(uniform4.palettized):.2f} (4b, {uniform4.size_bytes / MB:.3f} MB)"
+        elif label == "3.0 bits":
+            u3 = from_mapping(model, sens.uniform(PaletteSpec(3)))
+            uni = f"{psnr(u3.palettized):.2f} (3b, {u3.size_bytes / MB:.3f} MB: +{u3.size_bytes - capacity} B over)"
+        fits = [r for r in mbp_recipes if r.size_bytes <= capacity]
+        if fits:
+            best = max(fits, key=lambda r: (r.size_bytes, r.info["threshold"]))
+            m_psnr = psnr(best.palettized)
+            mbp_points.append((best.size_bytes, m_psnr))
+            m_cell = f"{m_psnr:.2f} | {mb_bits(best)}, thr {best.info['threshold']:g} dB"
+            delta = f"{measured - m_psnr:+.2f}"
+        else:
+            m_cell, delta = "none fits | -", "-"
+        rows.append(f"| {key} | {label}: {capacity / MB:.3f} MB | {mb_bits(recipe)} | {measured:.2f} | "
+                    f"{recipe.predicted_psnr:.2f} | {uni or '-'} | {m_cell} | {delta} |")
+        if label == "3.0 bits":
+            again = allocate_bits(model, sensitivity=sens, seed=SEED, progress=False, **budget)
+            reprobed = allocate_bits(model, sensitivity=probe(model, kwargs, n_probes), seed=SEED,
+                                     progress=False, **budget)
+            same = recipe.dumps() == again.dumps() == reprobed.dumps()
+            print(f"determinism (3.0 bits): same sensitivity {recipe.dumps() == again.dumps()}, "
+                  f"re-probed {recipe.dumps() == reprobed.dumps()}")
+            assert same, "recipe bytes differ between runs"
+    cost = (f"| {key} | {sens.cost.forward_equivalents:g} FE, {sens.cost.seconds:.1f} s | "
+            f"{ana.calls} calls, {ana.seconds:.1f} s | {ana.calls / sens.cost.forward_equivalents:.1f}x | "
+            f"{ana.seconds / sens.cost.seconds:.1f}x |")
+
+    # MBP curve for the plot: its best recipe within each of the plot's palette budgets.
+    numel = sum(i.numel for i in sens.layers.values())
+    for b in (2, 3.5, 5, 6):
+        cap = uniform4.fixed_bytes + int(b * numel / 8)
+        fits = [r for r in mbp_recipes if r.size_bytes <= cap]
+        if fits:
+            best = max(fits, key=lambda r: (r.size_bytes, r.info["threshold"]))
+            mbp_points.append((best.size_bytes, psnr(best.palettized)))
+    t0 = time.perf_counter()
+    png = plot_psnr_vs_size(model, HERE / f"psnr_vs_size_{key}.png", sensitivity=sens, inputs=held_out,
+                            seed=SEED, extra={"Apple MBP threshold recipes": sorted(set(mbp_points))})
+    print(f"plot: {png.relative_to(HERE.parent)} ({time.perf_counter() - t0:.1f} s)")
+    return rows, cost
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--n-probes", type=int, default=16, help="backward passes of the fast probe")
+    ap.add_argument("--cache", type=Path, help="pickle the probe and the MBP analysis here (development)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    rows, costs = [], []
+    for key in args.models:
+        r, c = run_model(key, args.n_probes, args.cache)
+        rows += r
+        costs.append(c)
+    print("\n| model | target | palette size (bits/w) | palette measured dB | predicted dB | uniform per-tensor dB "
+          "| MBP dB | MBP size (bits/w), threshold | palette - MBP dB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print("\n| model | palette fast probe | MBP pre-analysis | calls ratio | seconds ratio |")
+    print("|---|---|---|---|---|")
+    print("\n".join(costs))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; n_probes {args.n_probes}, torch threads {args.threads}"
+          + (f", cached probes from {args.cache}" if args.cache else ""))
+
+
+if __name__ == "__main__":
+    main()
