@@ -29,7 +29,7 @@ UNET_CONFIG: dict = dict(
     sample_size=32,
     in_channels=3,
     out_channels=3,
-    block_out_channels=(16, 64, 128),
+    block_out_channels=(16, 32, 128),
     layers_per_block=1,
     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
@@ -45,13 +45,22 @@ SCHEDULER_CONFIG: dict = dict(
     prediction_type="epsilon",
     algorithm_type="dpmsolver++",
     solver_order=2,
+    # Pixel-space sampling under the cosine schedule: clamp the x0 predictions to the data range
+    # (alpha_bar(999) is 2e-9, so the first x0 estimate is otherwise amplified ~1e4x) and start at
+    # t=951 rather than 999.
+    thresholding=True,
+    sample_max_value=1.0,
+    timestep_spacing="leading",
+    steps_offset=1,
 )
 
 
 def make_unet(seed: int = 0) -> UNet2DConditionModel:
-    """A freshly initialised (random-weight) UNet of the default architecture."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**UNET_CONFIG).eval()
+    """A freshly initialised (random-weight) UNet of the default architecture; leaves the global
+    RNG state as it found it."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**UNET_CONFIG).eval()
 
 
 def make_scheduler() -> DPMSolverMultistepScheduler:
@@ -60,7 +69,9 @@ def make_scheduler() -> DPMSolverMultistepScheduler:
 
 def load_unet(dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     """The trained UNet, loaded by diffusers from the package's weights folder."""
-    return UNet2DConditionModel.from_pretrained(WEIGHTS_DIR, torch_dtype=dtype, local_files_only=True).eval()
+    return UNet2DConditionModel.from_pretrained(
+        WEIGHTS_DIR, torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=False
+    ).eval()
 
 
 @dataclass
