@@ -9,7 +9,7 @@ present, a tiny random diffusers UNet), on one data-free probe set:
 `--sd15`: the fast probe on the full-size Stable Diffusion 1.5 UNet architecture (random weights
 scaled to fan-in, 64x64 latents): wall time and peak memory.
 
-    python -m benchmarks.bench_sensitivity [--probes 8 16] [--threads 1] [--sd15]
+    python -m benchmarks.bench_sensitivity [--probes 8 16] [--threads 1] [--only default] [--sd15]
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ HEADER = (
 )
 
 
-def models() -> list[tuple[str, nn.Module, dict]]:
+def models(only: list[str] | None) -> list[tuple[str, nn.Module, dict]]:
     from palette.models.minilm import load_minilm
 
     out = []
@@ -113,7 +113,7 @@ def models() -> list[tuple[str, nn.Module, dict]]:
     except (OSError, FileNotFoundError, ImportError, ValueError) as e:
         print(f"default model not available ({type(e).__name__}: {str(e)[:120]}); skipped", flush=True)
     out.append(("tiny random UNet", tiny_unet(), dict()))
-    return out
+    return [m for m in out if not only or any(o in m[0] for o in only)]
 
 
 def sd15(probes: int, n_samples: int) -> None:
@@ -148,6 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--probes", type=int, nargs="+", default=[8, 16], help="K values for the fast probe")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--only", nargs="+", help="models whose label contains one of these words")
     ap.add_argument("--sd15", action="store_true", help="only the SD1.5-scale fast probe")
     ap.add_argument("--sd15-probes", type=int, default=8)
     ap.add_argument("--sd15-samples", type=int, default=2)
@@ -158,7 +159,7 @@ def main() -> None:
         sd15(args.sd15_probes, args.sd15_samples)
         return
     print(HEADER, flush=True)
-    for label, model, kw in models():
+    for label, model, kw in models(args.only):
         bench_model(label, model, kw, args.probes)
 
 
