@@ -109,7 +109,8 @@ def models(only: list[str] | None) -> list[tuple[str, nn.Module, dict]]:
 
         pipe = load_default()
         out.append(("default model (trained UNet)", pipe.unet,
-                    dict(text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)))
+                    dict(text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
+                         n_samples=4)))
     except (OSError, FileNotFoundError, ImportError, ValueError) as e:
         print(f"default model not available ({type(e).__name__}: {str(e)[:120]}); skipped", flush=True)
     out.append(("tiny random UNet", tiny_unet(), dict()))
