@@ -45,6 +45,16 @@ def fp16_keys(bits: np.ndarray) -> np.ndarray:
     return out
 
 
+@nb.njit(parallel=True, cache=True)
+def count_nonfinite(bits: np.ndarray) -> int:
+    """How many fp16 bit patterns are Inf or NaN (all exponent bits set)."""
+    n = 0
+    for e in nb.prange(bits.size):
+        if (bits[e] & 0x7C00) == 0x7C00:
+            n += 1
+    return n
+
+
 @nb.njit(cache=True)
 def _histogram(keys: np.ndarray, weights: np.ndarray, key_values: np.ndarray):
     """Sorted distinct values of one group and their total weights (counts when unweighted)."""

@@ -59,7 +59,8 @@ class Palette:
 
 
 def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
-    """Raise ValueError naming `name` for weights that cannot be palettized."""
+    """Raise ValueError naming `name` for weights that cannot be palettized: the cheap checks
+    (type, dtype, emptiness); finiteness is checked on the fp16 values by `fp16_weight`."""
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype not in FLOAT_DTYPES:
@@ -69,14 +70,20 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
         )
     if weight.numel() == 0 or weight.dim() == 0:
         raise ValueError(f"{name}: empty or scalar tensor of shape {tuple(weight.shape)}")
-    w = weight.detach()
-    if not bool(torch.isfinite(w).all()):
-        bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(f"{name}: {bad} NaN/Inf value(s); fix the weights before palettizing")
-    if not bool(torch.isfinite(w.to(torch.float16)).all()):
+
+
+def fp16_weight(weight: torch.Tensor, name: str = "weight") -> np.ndarray:
+    """The weight's fp16 values as numpy, checked: NaN/Inf, or values beyond fp16, raise."""
+    check_weight(weight, name)
+    w16 = weight.detach().to(torch.float16).cpu().numpy()
+    if _exact1d.count_nonfinite(w16.reshape(-1).view(np.uint16)):
+        bad = int((~torch.isfinite(weight.detach())).sum())
+        if bad:
+            raise ValueError(f"{name}: {bad} NaN/Inf value(s); fix the weights before palettizing")
         raise ValueError(
             f"{name}: values beyond the fp16 range (|w| > 65504) cannot be stored in a fp16 LUT"
         )
+    return w16
 
 
 def _check_importance(importance: torch.Tensor, weight: torch.Tensor, name: str) -> np.ndarray:
@@ -189,13 +196,12 @@ def _fit_vector(lo: _Layout, spec: PaletteSpec, seed: int) -> tuple[np.ndarray, 
 def _layouts(
     item: int, weight: torch.Tensor, specs: list[PaletteSpec], importance, name: str
 ) -> list[_Layout]:
-    check_weight(weight, name)
+    w16 = fp16_weight(weight, name)
     for s in specs:
         if not isinstance(s, PaletteSpec):
             raise ValueError(f"{name}: expected PaletteSpec, got {type(s).__name__}")
         s.n_groups(weight.shape[0], name)
     imp = _check_importance(importance, weight, name) if importance is not None else None
-    w16 = weight.detach().to(torch.float16).cpu().numpy()
     by_layout: dict[tuple, list[int]] = defaultdict(list)
     for i, s in enumerate(specs):
         by_layout[(s.granularity, s.group_size, s.cluster_dim, s.per_channel_scale)].append(i)
@@ -304,8 +310,7 @@ def optimal_costs(
 ) -> np.ndarray:
     """Optimal per-tensor k-means cost (importance-weighted sum of squared errors) of `weight`'s
     fp16 values for k = 1..max_clusters, from a single DP pass (centroids not yet rounded)."""
-    check_weight(weight)
-    w16 = weight.detach().to(torch.float16).cpu().numpy().reshape(-1)
+    w16 = fp16_weight(weight).reshape(-1)
     keys = _exact1d.fp16_keys(w16.view(np.uint16))
     weights = np.empty(0)
     if importance is not None:
