@@ -145,9 +145,9 @@ def run_model(key: str, n_probes: int, cache: Path | None) -> tuple[list[str], s
             f"{ana.calls} calls, {ana.seconds:.1f} s | {ana.calls / sens.cost.forward_equivalents:.1f}x | "
             f"{ana.seconds / sens.cost.seconds:.1f}x |")
 
-    # MBP curve for the plot: its best recipe within each of the plot's palette budgets.
+    # MBP curve for the plot: its best recipe within each budget (up to 12 bits: its reachable range).
     numel = sum(i.numel for i in sens.layers.values())
-    for b in (2, 3.5, 5, 6):
+    for b in (2, 3.5, 5, 6, 8, 10, 12):
         cap = uniform4.fixed_bytes + int(b * numel / 8)
         fits = [r for r in mbp_recipes if r.size_bytes <= cap]
         if fits:
