@@ -9,6 +9,7 @@ from importlib import import_module
 from typing import Any
 
 from .cluster import Palette, fit_palette, fit_palettes, fit_palettes_batch, optimal_costs
+from .measure import Measurement, measure  # eager: the function shadows its module's name
 from .palettize import apply_palettes, keep_original, palettize, resolve_specs, target_layers
 from .spec import NBITS, PaletteSpec
 
@@ -17,7 +18,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "probe_sensitivity": "probe",
     "Sensitivity": "probe",
-    "measure": "measure",
+    "LayerInfo": "probe",
+    "make_probe_set": "probe_inputs",
+    "psnr": "metrics",
+    "mse": "metrics",
+    "cosine": "metrics",
+    "spearman": "metrics",
     "allocate_bits": "allocate",
     "Recipe": "recipe",
     "apply_recipe": "recipe",
@@ -46,6 +52,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "NBITS",
+    "Measurement",
     "Palette",
     "PaletteSpec",
     "apply_palettes",
@@ -53,6 +60,7 @@ __all__ = [
     "fit_palettes",
     "fit_palettes_batch",
     "keep_original",
+    "measure",
     "optimal_costs",
     "palettize",
     "resolve_specs",

@@ -98,7 +98,10 @@ def test_properties_index_range_lut_order_and_never_worse_than_coremltools(
     assert bool((pal.lut.flatten().diff() >= 0).all()), "LUT must be ascending"
     ours = mse(pal.dequantize().numpy(), w.numpy())
     theirs = mse(coreml_palettize(w.numpy(), nbits), w.numpy())
-    assert ours <= theirs * (1 + 1e-9) + 1e-18
+    # Our partition is the optimum before its centroids are rounded to fp16; rounding adds at most
+    # (half an fp16 ULP)^2 per element, so another partition can win by no more than that.
+    half_ulp = float(np.spacing(np.abs(w.numpy()).max())) / 2
+    assert ours <= theirs + half_ulp**2
 
 
 @pytest.mark.parametrize("nbits", [2, 4, 6, 8])
