@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-ct = pytest.importorskip("coremltools")
+import coremltools as ct  # noqa: E402
 logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 from palette import PaletteSpec, target_layers  # noqa: E402
@@ -44,9 +44,9 @@ class _UNetSample(nn.Module):
 def default_unet():
     """The default model's UNet (trained weights when committed, else its architecture), a 4-bit
     recipe (per_grouped_channel where 16 divides the output channels), and example inputs."""
-    default = pytest.importorskip("palette.models.default")
-    has_weights = (default.WEIGHTS_DIR / "config.json").exists()
-    unet = default.load_unet() if has_weights else default.make_unet()
+    from palette.models import default
+
+    unet = default.load_unet()
     recipe = {
         n: PaletteSpec(4, "per_grouped_channel", 16) if m.weight.shape[0] % 16 == 0 else PaletteSpec(4)
         for n, m in target_layers(unet).items()

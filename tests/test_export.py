@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-ct = pytest.importorskip("coremltools")
+import coremltools as ct  # noqa: E402
 logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 from palette import PaletteSpec, fit_palette, target_layers  # noqa: E402
@@ -451,10 +451,10 @@ def test_packing_matches_coremltools(nbits):
 
 
 def test_default_model_unet(tmp_path):
-    """The embedded default model's UNet (trained weights when present, else its architecture)."""
-    default = pytest.importorskip("palette.models.default")
-    has_weights = (default.WEIGHTS_DIR / "config.json").exists()
-    unet = default.load_unet() if has_weights else default.make_unet()
+    """The embedded default model's UNet with its trained weights."""
+    from palette.models import default
+
+    unet = default.load_unet()
     recipe = {
         name: None if i % 5 == 4 else PaletteSpec(4, "per_grouped_channel", 16) if i % 2 else PaletteSpec(6)
         for i, name in enumerate(target_layers(unet))
@@ -491,7 +491,8 @@ def _random_palette(spec: PaletteSpec, shape: tuple[int, ...], gen: torch.Genera
 @pytest.mark.parametrize("recipe", ["4b g16", "2b g16", "mixed"])
 def test_safetensors_size_within_1pct_on_default_unet(recipe, tmp_path):
     """Issue 6: the file is within 1% of the predicted bytes on the default UNet architecture."""
-    default = pytest.importorskip("palette.models.default")
+    from palette.models import default
+
     layers = target_layers(default.make_unet())
     specs = {
         "4b g16": lambda i: PaletteSpec(4, "per_grouped_channel", 16),
