@@ -42,7 +42,7 @@ class _UNetSample(nn.Module):
 
 @pytest.fixture(scope="module")
 def default_unet():
-    """The default model's UNet (trained weights when committed, else its architecture), a 4-bit
+    """The default model's UNet with its trained weights, a 4-bit
     recipe (per_grouped_channel where 16 divides the output channels), and example inputs."""
     from palette.models import default
 
