@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -329,7 +330,8 @@ def _sensitivity(args: argparse.Namespace, loaded: Loaded):
     return probe_sensitivity(
         loaded.model, method=args.method, nbits=tuple(args.nbits), granularities=tuple(args.granularity),
         group_size=args.group_size, seed=args.seed, n_probes=args.probes, cache=args.cache,
-        importance=importance, keep_sketch=importance, progress=not args.quiet, **loaded.probe_kwargs(args.samples, args.seed),
+        importance=importance, keep_sketch=importance, progress=not args.quiet,
+        **loaded.probe_kwargs(args.samples, args.seed),
     )
 
 
@@ -415,6 +417,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     recipe = allocate_bits(loaded.model, args.budget_gb, budget_bits=args.budget_bits, sensitivity=sens,
                            importance=args.importance, seed=args.seed, progress=not args.quiet)
     out = Path(args.output)
+    recipe.info["command"] = "palette " + shlex.join(args.argv)
     if args.measure:
         _note(args, "measuring the recipe's real output PSNR...")
         recipe.info["measured"] = {**_measure(args, loaded, recipe.palettes(loaded.model)),
@@ -606,8 +609,10 @@ def _common(model: bool = True) -> argparse.ArgumentParser:
     if model:
         g = p.add_argument_group("model")
         g.add_argument("--model", required=True, metavar="MODEL", help=MODEL_HELP)
-        g.add_argument("--subfolder", metavar="NAME", help="component of a pipeline: unet, text_encoder, text_encoder_2 or vae")
-        g.add_argument("--config", metavar="JSON", help="config.json for a .safetensors --model (default: the one next to it)")
+        g.add_argument("--subfolder", metavar="NAME",
+                       help="component of a pipeline: unet, text_encoder, text_encoder_2 or vae")
+        g.add_argument("--config", metavar="JSON",
+                       help="config.json for a .safetensors --model (default: the one next to it)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
@@ -621,9 +626,10 @@ def _probe_options() -> argparse.ArgumentParser:
                    help="fast: 1 forward + --probes backward passes; exhaustive: one forward per layer and spec")
     g.add_argument("--nbits", type=int, nargs="+", choices=NBITS, default=list(NBITS), metavar="N",
                    help=f"candidate bit-widths, among {' '.join(map(str, NBITS))}")
-    g.add_argument("--granularity", nargs="+", choices=GRANULARITIES, default=list(GRANULARITIES), metavar="G",
-                   help="candidate LUT granularities: per_tensor, per_grouped_channel")
-    g.add_argument("--group-size", type=_positive, default=16, metavar="N", help="output channels per LUT (per_grouped_channel)")
+    g.add_argument("--granularity", nargs="+", choices=GRANULARITIES, default=list(GRANULARITIES),
+                   metavar="G", help="candidate LUT granularities: per_tensor, per_grouped_channel")
+    g.add_argument("--group-size", type=_positive, default=16, metavar="N",
+                   help="output channels per LUT (per_grouped_channel)")
     g.add_argument("--samples", type=_positive, default=8, metavar="N", help="probe samples (data-free, synthesised)")
     g.add_argument("--probes", type=_positive, default=16, metavar="K", help="random projections (fast method)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the probe inputs and of vector k-means")
@@ -670,7 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common, probe = _common(), _probe_options()
 
-    def add(name: str, func: Callable, help: str, parents: Sequence[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    def add(name: str, func: Callable, help: str,
+            parents: Sequence[argparse.ArgumentParser]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
                            parents=list(parents), formatter_class=_Formatter)
         p.set_defaults(func=func)
@@ -678,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("analyze", cmd_analyze, "probe how much each layer's palettization costs in output PSNR",
             [common, probe])
-    p.add_argument("-o", "--output", default="sensitivity.json", metavar="PATH", help="sensitivity JSON to write")
+    p.add_argument("-o", "--output", default="sensitivity.json", metavar="PATH",
+                   help="sensitivity JSON to write")
     p.add_argument("--top", type=int, default=10, metavar="N", help="most sensitive layers to list")
 
     p = add("allocate", cmd_allocate, "choose bits per layer under a size budget; write a recipe and a plot",
@@ -686,9 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_argument_group("budget (one of)").add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-gb", type=_positive_float, metavar="GB", help="whole model as stored, decimal GB")
     budget.add_argument("--budget-bits", type=_positive_float, metavar="BITS", help="average bits per target weight")
-    p.add_argument("--sensitivity", metavar="JSON", help="reuse a sensitivity JSON from `palette analyze` instead of probing")
+    p.add_argument("--sensitivity", metavar="JSON",
+                   help="reuse a sensitivity JSON from `palette analyze` instead of probing")
     p.add_argument("-o", "--output", default="recipe.json", metavar="PATH", help="recipe JSON to write")
-    p.add_argument("--plot", metavar="PNG", help="PSNR-vs-size PNG (default: the recipe path with .png; 'none' to skip)")
+    p.add_argument("--plot", metavar="PNG",
+                   help="PSNR-vs-size PNG (default: the recipe path with .png; 'none' to skip)")
     p.add_argument("--plot-bits", type=_positive_float, nargs="+", metavar="BITS",
                    help="budgets of the plot's mixed-bit curve, bits per weight (default: 2 to 6, "
                    "from half a bit above the fewest candidate bits)")
@@ -699,17 +709,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipe_opts = argparse.ArgumentParser(add_help=False)
     recipe_opts.add_argument("--recipe", required=True, metavar="JSON", help="recipe JSON from `palette allocate`")
-    recipe_opts.add_argument("--samples", type=_positive, default=8, metavar="N", help="probe samples for --measure")
-    recipe_opts.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the probe inputs for --measure")
 
     p = add("apply", cmd_apply, "palettize a model as a recipe says and save it (from_pretrained format)",
             [common, recipe_opts])
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="directory to write (save_pretrained)")
     p.add_argument("--measure", action="store_true", help="also measure the real output PSNR")
+    p.add_argument("--samples", type=_positive, default=8, metavar="N", help="probe samples for --measure")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the probe inputs for --measure")
 
     p = add("export", cmd_export, "export a verified Core ML mlpackage or the palettes as safetensors",
             [common, recipe_opts])
-    p.add_argument("-o", "--output", required=True, metavar="PATH", help="NAME.mlpackage (Core ML) or NAME.safetensors (palettes)")
+    p.add_argument("-o", "--output", required=True, metavar="PATH",
+                   help="NAME.mlpackage (Core ML) or NAME.safetensors (palettes)")
     p.add_argument("--max-chunk-bytes", type=_positive, metavar="N",
                    help="also split the mlpackage into chunks of at most N weight bytes each (iOS per-file "
                    "memory limit), written with a manifest.json to NAME_chunks/")
@@ -735,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "extra", None) and args.extra[0] == "--":
         args.extra = args.extra[1:]
     try:

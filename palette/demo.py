@@ -35,7 +35,7 @@ class Settings:
     steps: int
 
 
-FULL = Settings(samples=4, probes=8, prompts=6, steps=20)
+FULL = Settings(samples=2, probes=8, prompts=6, steps=20)
 FAST = Settings(samples=1, probes=2, prompts=3, steps=6)
 
 

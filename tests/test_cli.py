@@ -94,14 +94,16 @@ def test_bad_arguments_exit_2_with_a_message(capsys, argv, message) -> None:
         (["analyze", "--model", "no/such/dir/here"], "no such file or directory"),
         (["analyze", "--model", "weights.safetensors"], "no such file"),
         (["allocate", "--model", "{unet}", "--budget-bits", "3", "--sensitivity", "missing.json"], "no such file"),
-        (["allocate", "--model", "{unet}", "--budget-bits", "0.5", "--sensitivity", "{sens}"], "below the smallest size"),
+        (["allocate", "--model", "{unet}", "--budget-bits", "0.5", "--sensitivity", "{sens}"],
+         "below the smallest size"),
         (["analyze", "--model", "{pipe}"], "choose a component with --subfolder (unet)"),
         (["analyze", "--model", "{unet}", "--config", "x.json"], "--config applies to a .safetensors"),
         (["export", "--model", "{unet}", "--recipe", "{recipe}", "-o", "x.onnx"], "must end in .mlpackage"),
         (["bench", "nosuchbench"], "unknown benchmark"),
     ],
 )
-def test_bad_inputs_exit_2_saying_what_to_do(capsys, monkeypatch, tmp_path, unet_dir, sens_file, recipe_file, argv, message) -> None:
+def test_bad_inputs_exit_2_saying_what_to_do(capsys, monkeypatch, tmp_path, unet_dir, sens_file, recipe_file,
+                                            argv, message) -> None:
     monkeypatch.chdir(tmp_path)
     subs = {"unet": unet_dir, "pipe": unet_dir.parent, "sens": sens_file, "recipe": recipe_file}
     code, _, err = run(capsys, *[a.format(**subs) for a in argv])
