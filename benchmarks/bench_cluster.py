@@ -66,7 +66,7 @@ def bench_conv() -> None:
         print(f"| {gran} | geomean | | | {geomean(ups):.1f}x (min {min(ups):.1f}x) | | | |")
 
 
-def bench_minilm() -> None:
+def bench_minilm(granularities: tuple[str, ...]) -> None:
     from palette.models.minilm import load_minilm
 
     print("\n## all-MiniLM-L6-v2 (real pretrained weights), whole model, all six bit-widths\n")
@@ -75,7 +75,7 @@ def bench_minilm() -> None:
     print(f"{len(layers)} target layers, {sum(w.numel() for w in layers.values()) / 1e6:.1f}M weights\n")
     print("| granularity | coremltools s (6 runs, one per nbits) | palette s (one pass) | speed-up | max MSE ratio palette/coremltools |")
     print("|---|---|---|---|---|")
-    for gran in ("per_tensor", "per_grouped_channel"):
+    for gran in granularities:
         specs = [spec_for(b, gran) for b in NBITS]
         t_ref = t_pal = 0.0
         worst = 0.0
@@ -104,10 +104,10 @@ def sd15_weights():
         yield name, (torch.randn(shape, generator=gen) / math.sqrt(fan_in)).to(torch.float16)
 
 
-def bench_sd15(sample_every: int) -> None:
+def bench_sd15(sample_every: int, granularities: tuple[str, ...]) -> None:
     print("\n## Stable Diffusion 1.5 UNet architecture (random fan-in-scaled fp16 weights), all six bit-widths\n")
     rows = []
-    for gran in ("per_tensor", "per_grouped_channel"):
+    for gran in granularities:
         specs = [spec_for(b, gran) for b in NBITS]
         t_pal = 0.0
         t_ref_sample = numel_sample = numel_all = 0
@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--skip-sd15", action="store_true")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-conv", action="store_true")
+    parser.add_argument("--granularity", choices=("per_tensor", "per_grouped_channel"), action="append",
+                        help="restrict the MiniLM and SD 1.5 runs to these (default: both)")
     parser.add_argument("--sd15-sample-every", type=int, default=12,
                         help="time coremltools on every Nth SD 1.5 layer and extrapolate by element count")
     args = parser.parse_args()
@@ -148,10 +150,11 @@ def main() -> None:
     print(f"palette vs coremltools k-means, {torch.get_num_threads()} threads")
     if not args.skip_conv:
         bench_conv()
+    grans = tuple(args.granularity or ("per_tensor", "per_grouped_channel"))
     if not args.skip_minilm:
-        bench_minilm()
+        bench_minilm(grans)
     if not args.skip_sd15:
-        bench_sd15(args.sd15_sample_every)
+        bench_sd15(args.sd15_sample_every, grans)
 
 
 if __name__ == "__main__":

@@ -40,5 +40,5 @@ def coreml_kmeans_groups(w16: np.ndarray, nbits: int, group_size: int | None) ->
     out = []
     for g in groups:
         lut, idx = _get_kmeans_lookup_table_and_weight(nbits, g)
-        out.append(lut.astype(np.float16)[np.asarray(idx).reshape(g.shape)])
+        out.append(lut.astype(np.float16).reshape(-1)[np.asarray(idx).reshape(g.shape)])
     return np.concatenate(out, axis=0)
