@@ -33,10 +33,11 @@ class Settings:
     probes: int
     prompts: int
     steps: int
+    plot_bits: tuple[float, ...]  # budgets of the plot's mixed-bit curve
 
 
-FULL = Settings(samples=2, probes=8, prompts=6, steps=20)
-FAST = Settings(samples=1, probes=2, prompts=3, steps=6)
+FULL = Settings(samples=2, probes=8, prompts=6, steps=20, plot_bits=(2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0))
+FAST = Settings(samples=1, probes=2, prompts=3, steps=6, plot_bits=(3.0, 4.0))
 
 
 @dataclass
@@ -126,7 +127,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .plot import plot_psnr_vs_size
 
     plot = out / "demo_psnr_vs_size.png"
-    plot_psnr_vs_size(unet, plot, sensitivity=sens, inputs=inputs, seed=args.seed)
+    plot_psnr_vs_size(unet, plot, sensitivity=sens, inputs=inputs, bits=cfg.plot_bits, seed=args.seed)
     done("plot")
 
     files = {"sensitivity": str(out / "sensitivity.json"), "grid": str(grid), "plot": str(plot),
