@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._jsonio import read_json, write_atomic
 from .cluster import Palette, fit_palettes, fit_palettes_batch
 from .metrics import psnr_from_mse
 from .palettize import DEFAULT_MIN_NUMEL, keep_original, target_layers
@@ -207,7 +208,7 @@ class Sensitivity:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write JSON with deterministic bytes (sorted keys, shortest round-trip floats)."""
-        _atomic_write(Path(path), json.dumps(self.to_dict(), sort_keys=True, indent=1, allow_nan=False) + "\n")
+        write_atomic(Path(path), json.dumps(self.to_dict(), sort_keys=True, indent=1, allow_nan=False) + "\n")
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "sensitivity") -> "Sensitivity":
@@ -245,18 +246,7 @@ class Sensitivity:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Sensitivity":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: corrupt sensitivity file (not JSON: {e})") from None
-        return cls.from_dict(d, str(path))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        return cls.from_dict(read_json(path, "sensitivity"), str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,7 +562,7 @@ class _Cache:
         self.done[name] = [[None if math.isnan(x) else x for x in row] for row in errors.tolist()]
         if self.dir is not None:
             doc = {"fingerprint": self.fingerprint, "done": self.done}
-            _atomic_write(self.dir / "state.json", json.dumps(doc, sort_keys=True))
+            write_atomic(self.dir / "state.json", json.dumps(doc, sort_keys=True))
 
     def get(self, name: str) -> np.ndarray | None:
         e = self.done.get(name)

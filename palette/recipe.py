@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._jsonio import read_json, write_atomic
 from .cluster import Palette, fit_palettes_batch, palette_from_lut
 from .measure import Measurement, measure
 from .palettize import DEFAULT_MIN_NUMEL, apply_palettes, batches, target_layers
@@ -179,10 +180,7 @@ class Recipe:
         return json.dumps(self.to_dict(), sort_keys=True, indent=1, allow_nan=False) + "\n"
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.dumps())
-        os.replace(tmp, path)
+        write_atomic(path, self.dumps())
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "recipe") -> "Recipe":
@@ -232,14 +230,7 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}: corrupt recipe file (not valid JSON: {e}); regenerate it with allocate_bits"
-            ) from None
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(read_json(path, "recipe", "; regenerate it with allocate_bits"), str(path))
 
     # -- Apple ml-stable-diffusion ---------------------------------------------------------------
     def to_apple(self, name: str | None = None, model_version: str | None = None) -> dict[str, Any]:
