@@ -495,7 +495,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _note(args, "tracing and converting to Core ML (about half a minute for a small UNet)...")
     report = export_coreml(loaded.model, out, loaded.example, recipe=recipe.palettes(loaded.model),
-                           max_chunk_bytes=args.max_chunk_bytes)
+                           max_chunk_bytes=_chunk_bytes(args))
     result.update(
         verified=True, palettized=report.n_palettized, kept=report.n_kept,
         stored_palettized_bytes=report.stored_palettized_bytes,
@@ -721,9 +721,12 @@ def build_parser() -> argparse.ArgumentParser:
             [common, recipe_opts])
     p.add_argument("-o", "--output", required=True, metavar="PATH",
                    help="NAME.mlpackage (Core ML) or NAME.safetensors (palettes)")
-    p.add_argument("--max-chunk-bytes", type=_positive, metavar="N",
-                   help="also split the mlpackage into chunks of at most N weight bytes each (iOS per-file "
-                   "memory limit), written with a manifest.json to NAME_chunks/")
+    chunk = p.add_mutually_exclusive_group()
+    chunk.add_argument("--max-chunk-mb", type=_positive_float, metavar="MB",
+                       help="also split the mlpackage into chunks of at most MB decimal megabytes of weights "
+                       "each (iOS maps each model file under a limit, ~1000 MB), written with a "
+                       "manifest.json to NAME_chunks/")
+    chunk.add_argument("--max-chunk-bytes", type=_positive, metavar="N", help="the same limit in bytes")
 
     p = add("verify", cmd_verify, "check an mlpackage or palettes file bit for bit against a recipe and model",
             [common, recipe_opts])
@@ -741,6 +744,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="skip the Core ML export (about half a minute)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of probe inputs and samples")
     return parser
+
+
+def _chunk_bytes(args: argparse.Namespace) -> int | None:
+    """The export's per-chunk weight limit in bytes, from --max-chunk-mb or --max-chunk-bytes."""
+    if args.max_chunk_mb is not None:
+        return int(args.max_chunk_mb * 1e6)
+    return args.max_chunk_bytes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -251,3 +251,15 @@ def test_demo_fast(tmp_path, capsys) -> None:
     assert mixed["size_bytes"] <= uniform["size_bytes"]
     for key in ("grid", "plot", "sensitivity"):
         assert Path(result["files"][key]).stat().st_size > 0
+
+
+def test_max_chunk_mb_is_decimal_megabytes() -> None:
+    from palette.cli import _chunk_bytes, build_parser
+
+    base = ["export", "--model", "default", "--recipe", "r.json", "-o", "x.mlpackage"]
+    assert _chunk_bytes(build_parser().parse_args([*base, "--max-chunk-mb", "1.5"])) == 1_500_000
+    assert _chunk_bytes(build_parser().parse_args([*base, "--max-chunk-bytes", "2000"])) == 2000
+    assert _chunk_bytes(build_parser().parse_args(base)) is None
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([*base, "--max-chunk-mb", "1", "--max-chunk-bytes", "5"])
+    assert info.value.code == 2
