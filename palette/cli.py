@@ -740,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "the main job on the default model: probe, allocate, export, sample, plot",
             [_common(model=False)])
     p.add_argument("--out", default="out", metavar="DIR", help="directory for the recipes, mlpackage and PNGs")
-    p.add_argument("--fast", action="store_true", help="smaller probe, fewer samples and steps (a smoke test)")
+    p.add_argument("--fast", action="store_true", help="a smoke run: per-tensor candidates, smaller probe, fewer prompts and steps")
     p.add_argument("--no-export", action="store_true", help="skip the Core ML export (about half a minute)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of probe inputs and samples")
     return parser

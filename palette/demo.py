@@ -34,10 +34,12 @@ class Settings:
     prompts: int
     steps: int
     plot_bits: tuple[float, ...]  # budgets of the plot's mixed-bit curve
+    granularities: tuple[str, ...]
 
 
-FULL = Settings(samples=2, probes=8, prompts=6, steps=20, plot_bits=(2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0))
-FAST = Settings(samples=1, probes=2, prompts=3, steps=6, plot_bits=(3.0, 4.0))
+FULL = Settings(samples=2, probes=8, prompts=6, steps=20, plot_bits=(2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0),
+                granularities=("per_tensor", "per_grouped_channel"))
+FAST = Settings(samples=1, probes=2, prompts=3, steps=6, plot_bits=(3.0, 4.0), granularities=("per_tensor",))
 
 
 @dataclass
@@ -83,7 +85,7 @@ def run_demo(args: argparse.Namespace) -> int:
     done("load")
 
     stage("probe")
-    sens = probe_sensitivity(unet, inputs, nbits=NBITS, granularities=("per_tensor", "per_grouped_channel"),
+    sens = probe_sensitivity(unet, inputs, nbits=NBITS, granularities=cfg.granularities,
                              n_probes=cfg.probes, seed=args.seed, progress=not args.quiet)
     sens.save(out / "sensitivity.json")
     done("probe")

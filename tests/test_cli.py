@@ -236,30 +236,3 @@ def test_console_script_and_module_entry_point() -> None:
         proc = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and proc.stdout.startswith("palette ")
 
-
-def test_demo_fast(tmp_path, capsys) -> None:
-    default = pytest.importorskip("palette.models.default")
-    pytest.importorskip("palette.plot")
-    if not (default.WEIGHTS_DIR / "config.json").is_file():
-        pytest.skip("the default model's weights are not in this checkout yet")
-    code, out, _ = run(capsys, "demo", "--fast", "--no-export", "--out", tmp_path, "--json", "-q")
-    result = json.loads(out)
-    assert code == 0
-    names = [v["name"] for v in result["variants"]]
-    assert names[:3] == ["16-bit", "uniform 4-bit", "palette mixed, same size"]
-    uniform, mixed = result["variants"][1], result["variants"][2]
-    assert mixed["size_bytes"] <= uniform["size_bytes"]
-    for key in ("grid", "plot", "sensitivity"):
-        assert Path(result["files"][key]).stat().st_size > 0
-
-
-def test_max_chunk_mb_is_decimal_megabytes() -> None:
-    from palette.cli import _chunk_bytes, build_parser
-
-    base = ["export", "--model", "default", "--recipe", "r.json", "-o", "x.mlpackage"]
-    assert _chunk_bytes(build_parser().parse_args([*base, "--max-chunk-mb", "1.5"])) == 1_500_000
-    assert _chunk_bytes(build_parser().parse_args([*base, "--max-chunk-bytes", "2000"])) == 2000
-    assert _chunk_bytes(build_parser().parse_args(base)) is None
-    with pytest.raises(SystemExit) as info:
-        build_parser().parse_args([*base, "--max-chunk-mb", "1", "--max-chunk-bytes", "5"])
-    assert info.value.code == 2
