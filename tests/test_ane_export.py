@@ -4,20 +4,10 @@ verifies bit-exact (the export reads every weight back and raises on any mismatc
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from palette import PaletteSpec, export_coreml, restore_attention, split_einsum, target_layers
 from palette.models.default import load_unet
 from palette.palettize import palettize
-
-
-class UNetSample(nn.Module):
-    def __init__(self, unet: nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
 def test_palettized_split_einsum_default_unet_exports_bit_exact(tmp_path) -> None:
@@ -37,8 +27,7 @@ def test_palettized_split_einsum_default_unet_exports_bit_exact(tmp_path) -> Non
             torch.tensor([500.0]),
             torch.randn(1, 16, cfg.cross_attention_dim),
         )
-        wrapped = {f"unet.{n}": p for n, p in palettes.items()}
-        report = export_coreml(UNetSample(unet), tmp_path / "unet_ane.mlpackage", inputs, wrapped)
+        report = export_coreml(unet, tmp_path / "unet_ane.mlpackage", inputs, palettes)
         assert report.n_palettized == len(palettes)
         assert report.stored_palettized_bytes == sum(p.nbytes for p in palettes.values())
     finally:
