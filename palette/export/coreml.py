@@ -77,6 +77,15 @@ class _Traceable(nn.Module):
         return out
 
 
+def save_replacing(mlmodel: Any, path: str | os.PathLike) -> Path:
+    """Save `mlmodel` at `path`, replacing whatever package or file was there."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    mlmodel.save(str(path))
+    return path
+
+
 def check_target(palettes: Mapping[str, Palette], target: Any) -> None:
     """Reject what the deployment target cannot store exactly, before any work is done."""
     import coremltools as ct
@@ -194,10 +203,7 @@ def export_coreml(
             for m, key in registered:
                 del m._buffers[key]
     seconds = {"convert": time.perf_counter() - t0}
-    path = Path(path)
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    mlmodel.save(str(path))
+    path = save_replacing(mlmodel, path)
     if not verify:
         report = ExportReport(str(path), len(palettes), len(kept), 0, sum(p.nbytes for p in palettes.values()), 0, 0, seconds=seconds)
     else:

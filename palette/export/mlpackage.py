@@ -13,11 +13,9 @@ its own `palettize_weights`, and the result is verified like `export_coreml`'s.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +23,7 @@ from torch import nn
 
 from ..cluster import Palette
 from ..palettize import target_layers
-from .coreml import check_target
+from .coreml import check_target, save_replacing
 from .recipe_input import RecipeLike, recipe_palettes
 from .verify import ExportReport, fingerprint, verify_mlpackage
 
@@ -171,10 +169,7 @@ def palettize_mlpackage(
     t0 = time.perf_counter()
     out = _apply_graph_pass(mlmodel, _Pass(), spec_version=version, skip_model_load=True)
     seconds = {"convert": time.perf_counter() - t0}
-    dst = Path(dst)
-    if dst.exists():
-        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-    out.save(str(dst))
+    dst = save_replacing(out, dst)
     if not verify:
         return ExportReport(str(dst), len(palettes), 0, 0, sum(p.nbytes for p in palettes.values()), 0, 0, seconds=seconds)
     # Kept layers are checked where `src` held them as plain fp16 consts.
