@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-import coremltools as ct  # noqa: E402
 logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 from palette import PaletteSpec, target_layers  # noqa: E402
