@@ -9,18 +9,20 @@ its own dtype (the "16-bit model" of Apple's MBP; fp32 on CPU):
   ||J_l dW_l||^2 = E_v[(v^T J_l dW_l)^2] = E_v[<g_l(v), dW_l>^2] for Rademacher v in output space,
   g_l(v) = d(v^T f)/dW_l. One forward and K backward passes (v differs per sample and pass) give,
   through hooks on every target layer, *per-sample* weight gradients (from each layer's input and
-  output gradient: the batch never mixes samples). Each gradient is folded at once into a sketch:
-  for per-tensor scalar specs, dW_l is a function of the weight's fp16 value, so <g, dW> =
-  sum_u H(u) (q(u) - u) + <g, fp16(W) - W> with H(u) the sum of g over the weights of value u --
-  one histogram over at most 65536 values per (layer, sample, pass), exact, whatever the LUT
-  (weighted or not). Other layouts keep the gradient itself. Scoring then fits all candidate
-  palettes of a layer in one `fit_palettes` call and takes inner products: cost 1 + 2K
-  forward-equivalents plus clustering, independent of layers x specs. The squared gradients give a
-  Fisher (Gauss-Newton diagonal) importance for weighted k-means on the side.
+  output gradient: the batch never mixes samples), folded at once into inner products with every
+  candidate dW_l. By default every candidate palette is fitted first (`fit_palettes_batch`, chunks
+  of layers in parallel) and kept compact: a scalar palette maps each weight by its fp16 value
+  within its LUT group, so <g, dW> = sum_p H(p) (q(p) - u(p)) + <g, fp16(W) - W> over the distinct
+  (group, value) pairs p, H(p) the sum of g over the weights of pair p -- exact, whatever the LUT;
+  vector or scaled palettes are dequantized on the fly. No gradient is stored, so memory is the
+  model, its activations and the compact candidates. Cost: 1 + 2K forward-equivalents plus
+  clustering, independent of layers x specs. With `keep_sketch=True` the gradients are kept
+  instead (as per-pair sums, or whole), the candidates scored after the passes, and
+  `Sensitivity.estimate` scores any other palette later -- e.g. one fitted with the Fisher
+  (Gauss-Newton diagonal) importance that the squared gradients give on the side.
 
 A mapping's error is predicted additively (per sample: sum of layer errors, then Apple's PSNR per
-sample, averaged). With `keep_sketch=True`, `Sensitivity.estimate(name, palette_or_weight)` scores
-any other palette of a layer -- e.g. one fitted with `importance` -- without a second probe.
+sample, averaged).
 
 The model is never copied: the fast probe only reads weights; the exhaustive one writes one layer at
 a time and restores it in a `finally`. Module training flags, `requires_grad` flags and `.grad`
@@ -83,15 +85,15 @@ class Cost:
 class _Sketch:
     """Per-layer gradient sketch: rows are (pass, sample) pairs, `sample` gives each row's sample.
 
-    kind "values": `data` (rows, n_values) sums of the gradient over weights of each distinct fp16
-    value `values` (int64 bit patterns), `resid` (rows,) = <g, fp16(W) - W>.
+    kind "values": `data` (rows, n_pairs) sums of the gradient over the weights of each distinct
+    (group, fp16 value) pair of `values`, `resid` (rows,) = <g, fp16(W) - W>.
     kind "dense": `data` (rows, numel), the per-sample gradients themselves.
     """
 
     kind: str
     data: torch.Tensor
     sample: torch.Tensor
-    values: torch.Tensor | None = None
+    values: "_ValueIndex | None" = None
     resid: torch.Tensor | None = None
     weight: torch.Tensor | None = None  # the layer's live weight, attached by keep_sketch
     checksum: float | None = None
@@ -169,8 +171,9 @@ class Sensitivity:
         """Predicted output MSE of replacing layer `name`'s weight by `new` (a Palette, or the new
         weight itself), from the kept gradient sketch (`probe_sensitivity(..., keep_sketch=True)`).
 
-        A "values" sketch (per-tensor scalar specs) scores any new weight that is a function of the
-        old weight's value, e.g. any per-tensor scalar palette, importance-weighted or not."""
+        A "values" sketch (every probed spec a scalar palette on one grouping) scores any new weight
+        that is a function of the old weight's value within its group, e.g. any unscaled scalar
+        palette of that grouping, importance-weighted or not."""
         if self.sketch is None or name not in self.sketch:
             raise ValueError("estimate() needs the gradient sketch: probe with method='fast', keep_sketch=True")
         sk = self.sketch[name]
@@ -259,15 +262,74 @@ def _fp16_keys(w: torch.Tensor) -> torch.Tensor:
 
 
 def _is_value_function(spec: PaletteSpec) -> bool:
-    """Whether palettizing with `spec` maps each weight by its fp16 value alone."""
-    return spec.granularity == "per_tensor" and spec.cluster_dim == 1 and not spec.per_channel_scale
+    """Whether palettizing with `spec` maps each weight by its fp16 value within its group alone."""
+    return spec.cluster_dim == 1 and not spec.per_channel_scale
 
 
-def _rep_positions(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """For each distinct value, the first position holding it."""
-    first = torch.full((N_KEYS,), keys.numel(), dtype=torch.int64)
-    first.scatter_reduce_(0, keys, torch.arange(keys.numel()), reduce="amin")
-    return first[values]
+def _group_rows(spec: PaletteSpec) -> int | None:
+    """Output channels per LUT group (None: one LUT for the whole tensor)."""
+    return spec.group_size if spec.granularity == "per_grouped_channel" else None
+
+
+def _rep_positions(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """For each of `n` slots, the first position whose slot it is."""
+    first = torch.full((n,), idx.numel(), dtype=torch.int64)
+    return first.scatter_reduce_(0, idx, torch.arange(idx.numel()), reduce="amin")
+
+
+class _ValueIndex:
+    """The distinct (group, fp16 value) pairs of a weight, a group being `rows` consecutive output
+    channels (None: the whole tensor). A weight change that depends only on the value within its
+    group -- any unscaled scalar palette -- acts on the output through the gradient's sums over
+    these pairs: <g, dW> = sum_p H_p (q_p - u_p) + <g, fp16(W) - W>, exactly."""
+
+    def __init__(self, w: torch.Tensor, rows: int | None) -> None:
+        keys = _fp16_keys(w)
+        self.rows = rows
+        if rows is None:  # a 65536-entry table maps keys to slots: nothing stored per element
+            present = torch.zeros(N_KEYS, dtype=torch.bool)
+            present[keys] = True
+            self.values = present.nonzero().reshape(-1)
+            self.table = torch.cumsum(present.to(torch.int64), 0) - 1
+            self.slot = None
+        else:
+            parts, slots, offset = [], [], 0
+            for gk in keys.view(w.shape[0] // rows, -1):
+                present = torch.zeros(N_KEYS, dtype=torch.bool)
+                present[gk] = True
+                parts.append(present.nonzero().reshape(-1))
+                slots.append((torch.cumsum(present.to(torch.int32), 0) - 1 + offset)[gk])
+                offset += len(parts[-1])
+            self.values = torch.cat(parts)
+            self.slot = torch.cat(slots)
+        self.n = len(self.values)
+        self.u = self.values.to(torch.int16).view(torch.float16).double()
+
+    def slots(self, w: torch.Tensor) -> torch.Tensor:
+        """(numel,) int64 slot of every element of the (unchanged) weight `w`."""
+        return self.table[_fp16_keys(w)] if self.slot is None else self.slot.long()
+
+    def fold(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample gradients `gs` (b, numel) -> per-pair sums (b, n), residual <g, fp16(W) - W> (b,)."""
+        w = w.detach().reshape(-1)
+        idx = self.slots(w)
+        hist = torch.stack([torch.bincount(idx, weights=gs[s], minlength=self.n) for s in range(gs.shape[0])])
+        return hist, (gs @ (w.to(torch.float16).float() - w.float())).double()
+
+    def change(self, new: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """q_p - u_p (n,) float64 for a new weight that is a function of the pair; else ValueError."""
+        idx = self.slots(w)
+        new = new.detach().reshape(-1)
+        if new.numel() != idx.numel():
+            raise ValueError(f"new weight has {new.numel()} elements, the layer {idx.numel()}")
+        q = new[_rep_positions(idx, self.n)].double()
+        if not torch.equal(new.double(), q[idx]):
+            raise ValueError(
+                "this layer's sketch holds per-value gradient sums: the new weight must be a function of "
+                "the old weight's fp16 value within its group (an unscaled scalar palette); include "
+                "such a spec in the probe's `specs` to keep dense gradients"
+            )
+        return q - self.u
 
 
 class _Scorer:
@@ -278,41 +340,62 @@ class _Scorer:
         self.sk, self.n_probes, self.n_samples = sk, n_probes, n_samples
         self.weight = weight.detach().reshape(-1)
         if sk.kind == "values":
-            self.keys = _fp16_keys(self.weight)
-            self.pos = _rep_positions(self.keys, sk.values)
-            self.u = sk.values.to(torch.int16).view(torch.float16).double()
             self.data = sk.data.double()
 
     def __call__(self, new: Palette | torch.Tensor) -> np.ndarray:
         sk = self.sk
+        w_new = (new.dequantize() if isinstance(new, Palette) else new.detach()).reshape(-1)
         if sk.kind == "dense":
-            w_new = new.dequantize() if isinstance(new, Palette) else new.detach()
-            self._check_numel(w_new)
-            return self._fold(sk.data @ (w_new.reshape(-1).float() - self.weight.float()))
-        if isinstance(new, Palette) and _is_value_function(new.spec):
-            q = new.lut[0, new.indices.reshape(-1)[self.pos].long(), 0].double()
-        else:
-            w_new = (new.dequantize() if isinstance(new, Palette) else new.detach()).reshape(-1)
-            self._check_numel(w_new)
-            q = w_new[self.pos].double()
-            slot = torch.zeros(N_KEYS, dtype=torch.int64)
-            slot[sk.values] = torch.arange(len(sk.values))
-            if not torch.equal(w_new.double(), q[slot[self.keys]]):
-                raise ValueError(
-                    "this layer's sketch holds per-value gradient sums: the new weight must be a "
-                    "function of the old weight's fp16 value (a per-tensor scalar palette); include "
-                    "such a spec in the probe's `specs` to keep dense gradients"
-                )
-        return self._fold(self.data @ (q - self.u) + sk.resid)
+            if w_new.numel() != self.weight.numel():
+                raise ValueError(f"new weight has {w_new.numel()} elements, the layer {self.weight.numel()}")
+            return _fold_probes(sk.data @ (w_new.float() - self.weight.float()), sk.sample, self.n_probes, self.n_samples)
+        z = self.data @ sk.values.change(w_new, self.weight) + sk.resid
+        return _fold_probes(z, sk.sample, self.n_probes, self.n_samples)
 
-    def _check_numel(self, w_new: torch.Tensor) -> None:
-        if w_new.numel() != self.weight.numel():
-            raise ValueError(f"new weight has {w_new.numel()} elements, the layer {self.weight.numel()}")
 
-    def _fold(self, z: torch.Tensor) -> np.ndarray:
-        """Mean of z^2 over the passes of each sample (Hutchinson estimate of ||J dW||^2)."""
-        out = torch.zeros(self.n_samples, dtype=torch.float64).index_add_(0, self.sk.sample, z.double() ** 2)
-        return (out / self.n_probes).numpy()
+def _fold_probes(z: torch.Tensor, sample: torch.Tensor, n_probes: int, n_samples: int) -> np.ndarray:
+    """Mean of z^2 over the passes of each sample (Hutchinson estimate of ||J dW||^2); `z` is
+    (rows,) or (rows, columns), `sample` the sample of each row."""
+    z = z.double() ** 2
+    out = torch.zeros((n_samples,) + z.shape[1:], dtype=torch.float64).index_add_(0, sample, z)
+    return (out / n_probes).numpy()
+
+
+class _Streamed:
+    """A layer's candidate palettes, kept compact for the passes: each backward pass folds the
+    per-sample gradients into <g, dW> for every candidate at once (no gradient is stored).
+    Scalar palettes act through per-pair gradient sums (`_ValueIndex`), others through their
+    dequantized weight, rebuilt on the fly."""
+
+    def __init__(self, w: torch.Tensor, palettes: list[Palette]) -> None:
+        self.n = len(palettes)
+        # per grouping: its pair index, the columns it serves and their (n_pairs, columns) q - u
+        self.scalar: list[tuple[_ValueIndex, list[int], torch.Tensor]] = []
+        self.other: list[tuple[int, Palette]] = []
+        by_rows: dict[int | None, list[int]] = {}
+        for i, p in enumerate(palettes):
+            if _is_value_function(p.spec):
+                by_rows.setdefault(_group_rows(p.spec), []).append(i)
+            else:
+                self.other.append((i, p))
+        for rows, cols in by_rows.items():
+            index = _ValueIndex(w, rows)
+            change = torch.stack([index.change(palettes[i].dequantize(), w) for i in cols], 1)
+            self.scalar.append((index, cols, change))
+
+    def __call__(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor]:
+        """(b, candidates) float64: <g_s, dW> for every sample and candidate."""
+        out = torch.empty(gs.shape[0], self.n, dtype=torch.float64)
+        for index, cols, change in self.scalar:
+            hist, resid = index.fold(w, gs)
+            out[:, cols] = hist.double() @ change + resid[:, None]
+        wf = w.detach().reshape(-1).float()
+        for i, p in self.other:
+            out[:, i] = (gs @ (p.dequantize().reshape(-1).float() - wf)).double()
+        return (out,)
+
+    def zeros(self, b: int) -> tuple[torch.Tensor]:
+        return (torch.zeros(b, self.n, dtype=torch.float64),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,27 +462,20 @@ def _per_sample_grad(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tor
 
 
 class _Recorder:
-    """Forward hooks on target layers; each backward pass folds per-sample gradients into sketches."""
+    """Forward hooks on target layers; each backward pass folds every layer's per-sample gradients
+    at once with that layer's `fold` (gs -> a (b, width) block, and optionally a (b,) residual):
+    a `_Streamed` layer's inner products with its candidates, or a sketch (`_ValueIndex.fold`, or
+    the gradients themselves)."""
 
-    def __init__(self, modules: dict[str, nn.Module], dense: set[str], importance: bool) -> None:
+    def __init__(self, modules: dict[str, nn.Module], folds: dict[str, Any], importance: bool) -> None:
         self.modules = modules
-        self.dense = dense
-        self.blocks: dict[str, dict[tuple[int, int], torch.Tensor]] = {n: {} for n in modules}
-        self.resid: dict[str, dict[tuple[int, int], torch.Tensor]] = {n: {} for n in modules}
-        self.slots: dict[str, torch.Tensor] = {}
-        self.values: dict[str, torch.Tensor] = {}
+        self.folds = folds
+        self.blocks: dict[str, dict[tuple[int, int], tuple]] = {n: {} for n in modules}
         self.importance = {n: torch.zeros(m.weight.numel()) for n, m in modules.items()} if importance else None
         self.leaves: list[torch.Tensor] = []
         self.unit = 0
         self.probe = 0
         self.batch = 0
-        for n, m in modules.items():
-            if n not in dense:
-                keys = _fp16_keys(m.weight)
-                present = torch.zeros(N_KEYS, dtype=torch.bool)
-                present[keys] = True
-                self.values[n] = present.nonzero().reshape(-1)
-                self.slots[n] = torch.cumsum(present.to(torch.int64), 0) - 1
 
     def hook(self, name: str):
         def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
@@ -425,54 +501,52 @@ class _Recorder:
         gs = _per_sample_grad(module, x, g)
         if self.importance is not None:
             self.importance[name] += (gs * gs).sum(0)
+        fold = self.folds[name]
+        out = fold(module.weight, gs)
         key = (self.unit, self.probe)
-        if name in self.dense:
-            block, resid = gs, None
-        else:
-            w = module.weight.detach().reshape(-1)
-            keys = _fp16_keys(w)
-            idx = self.slots[name][keys]
-            n_v = len(self.values[name])
-            block = torch.stack([torch.bincount(idx, weights=gs[s], minlength=n_v) for s in range(gs.shape[0])])
-            resid = (gs @ (w.to(torch.float16).float() - w.float())).double()
         blocks = self.blocks[name]
-        if key in blocks:  # a layer called more than once: gradients add up
-            blocks[key] = blocks[key] + block
-            if resid is not None:
-                self.resid[name][key] = self.resid[name][key] + resid
-        else:
-            blocks[key] = block
-            if resid is not None:
-                self.resid[name][key] = resid
+        # a layer called more than once: gradients, and so every fold of them, add up
+        blocks[key] = tuple(a + b for a, b in zip(blocks[key], out)) if key in blocks else out
 
-    def sketches(self, unit_batches: list[int], n_probes: int) -> dict[str, _Sketch]:
-        """Rows ordered by unit, pass, sample; layers that never got a gradient get zero rows."""
+    def rows(self, name: str, unit_batches: list[int], n_probes: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """A layer's folded blocks stacked in row order (unit, pass, sample), zeros where it got no
+        gradient (it does not reach the output), and the sample of each row."""
         offsets = np.cumsum([0] + unit_batches)
-        out = {}
-        for name, m in self.modules.items():
-            width = m.weight.numel() if name in self.dense else len(self.values[name])
-            rows, resid, sample = [], [], []
-            for u, b in enumerate(unit_batches):
-                for k in range(n_probes):
-                    blk = self.blocks[name].pop((u, k), None)
-                    rows.append(blk if blk is not None else torch.zeros(b, width))
-                    if name not in self.dense:
-                        r = self.resid[name].pop((u, k), None)
-                        resid.append(r if r is not None else torch.zeros(b, dtype=torch.float64))
-                    sample.append(torch.arange(offsets[u], offsets[u] + b))
-            data = torch.cat(rows)
-            sk = _Sketch("dense", data, torch.cat(sample))
-            if name not in self.dense:
-                sk = _Sketch("values", data, sk.sample, self.values[name], torch.cat(resid))
-            out[name] = sk
-        return out
+        keys = [(u, k) for u in range(len(unit_batches)) for k in range(n_probes)]
+        blocks = self.blocks.pop(name)
+        fold = self.folds[name]
+        parts = [blocks.pop(key, None) or fold.zeros(unit_batches[key[0]]) for key in keys]
+        sample = torch.cat([torch.arange(offsets[u], offsets[u] + unit_batches[u]) for u, _ in keys])
+        return tuple(torch.cat(p) for p in zip(*parts)), sample
 
 
-def _fast_passes(model, targets, units, dense, n_probes, seed, want_importance, progress):
-    """Forward once per unit, K backward passes each; returns sketches, sample stats, importance."""
+class _SketchFold:
+    """Keeps a layer's gradients for later scoring (`keep_sketch`): per-pair sums when `index` is
+    given (all its specs are scalar palettes on one grouping), else the gradients themselves."""
+
+    def __init__(self, index: _ValueIndex | None, numel: int) -> None:
+        self.index, self.numel = index, numel
+
+    def __call__(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.index.fold(w, gs) if self.index is not None else (gs,)
+
+    def zeros(self, b: int) -> tuple[torch.Tensor, ...]:
+        if self.index is None:
+            return (torch.zeros(b, self.numel),)
+        return torch.zeros(b, self.index.n), torch.zeros(b, dtype=torch.float64)
+
+    def sketch(self, blocks: tuple[torch.Tensor, ...], sample: torch.Tensor) -> _Sketch:
+        if self.index is None:
+            return _Sketch("dense", blocks[0], sample)
+        return _Sketch("values", blocks[0], sample, self.index, blocks[1])
+
+
+def _fast_passes(model, targets, units, folds, n_probes, seed, want_importance, progress):
+    """Forward once per unit, K backward passes each, every layer's gradients folded by its fold;
+    returns {layer: (stacked blocks, sample of each row)}, per-sample peaks and sizes, importance."""
     gen = torch.Generator().manual_seed(seed)
     with _guard(model, freeze=True) as hooks:
-        rec = _Recorder(targets, dense, want_importance)
+        rec = _Recorder(targets, folds, want_importance)
         for name, m in targets.items():
             hooks.append(m.register_forward_hook(rec.hook(name), with_kwargs=True))
         peaks, sizes, batches = [], [], []
@@ -497,10 +571,10 @@ def _fast_passes(model, targets, units, dense, n_probes, seed, want_importance, 
                 del out
         finally:
             bar.close()
-        sketches = rec.sketches(batches, n_probes)
+        folded = {n: rec.rows(n, batches, n_probes) for n in targets}
         rows = sum(batches) * n_probes
         imp = {n: (t / rows).reshape(targets[n].weight.shape) for n, t in rec.importance.items()} if want_importance else None
-    return sketches, torch.cat(peaks).numpy(), torch.cat(sizes).numpy(), imp
+    return folded, torch.cat(peaks).numpy(), torch.cat(sizes).numpy(), imp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,6 +674,95 @@ def _chunks(names: list[str], numel: dict[str, int]) -> Iterator[list[str]]:
         yield chunk
 
 
+def _errors(cand: list[PaletteSpec], ok: list[PaletteSpec], per_spec: Iterator[np.ndarray], n_samples: int) -> np.ndarray:
+    """(len(cand), n_samples) errors, NaN where a spec does not apply; `per_spec` follows `ok`."""
+    err = np.full((len(cand), n_samples), np.nan)
+    for spec, e in zip(ok, per_spec):
+        err[cand.index(spec)] = e
+    return err
+
+
+def _fit(targets, chunk: list[str], ok_specs, seed: int) -> tuple[list[list[Palette]], float]:
+    """Every candidate palette of a chunk of layers, in one parallel call; and its seconds."""
+    t0 = time.perf_counter()
+    fitted = fit_palettes_batch([(targets[n].weight.detach(), ok_specs[n], None) for n in chunk], seed=seed, names=chunk)
+    return fitted, time.perf_counter() - t0
+
+
+def _probe_streamed(model, targets, units, cand, ok_specs, store, n_probes, seed, importance, progress):
+    """Fast probe, palettes first: fit every candidate, then one forward and `n_probes` backward
+    passes fold each layer's per-sample gradients into <g, dW> for all its candidates at once.
+    Memory: the model, activations, and per layer its candidates in compact form (per (group,
+    value) pair for scalar palettes); no gradient is kept. The cache keeps fitted chunks."""
+    todo = [n for n in targets if store.get(n) is None]
+    passes = store.load_tensors("passes.pt")
+    if importance and passes is not None and passes["importance"] is None:
+        todo = list(targets)
+    errors = {n: store.get(n) for n in targets if n not in todo}
+    cluster_s = 0.0
+    if todo or passes is None:
+        folds: dict[str, _Streamed] = {}
+        bar = tqdm(total=len(todo), desc="fit palettes", disable=not progress, leave=False)
+        for i, chunk in enumerate(_chunks(todo, {n: targets[n].weight.numel() for n in todo})):
+            cached = store.load_tensors(f"fit-{i}.pt")
+            if cached is None or list(cached) != chunk:
+                fitted, secs = _fit(targets, chunk, ok_specs, seed)
+                cluster_s += secs
+                cached = {n: _Streamed(targets[n].weight, pals) for n, pals in zip(chunk, fitted)}
+                del fitted
+                store.save_tensors(f"fit-{i}.pt", cached)
+            folds.update(cached)
+            bar.update(len(chunk))
+        bar.close()
+        folded, peak, size, imp = _fast_passes(
+            model, {n: targets[n] for n in todo}, units, folds, n_probes, seed, importance, progress
+        )
+        passes = {"peak": peak, "size": size, "importance": imp}
+        store.save_tensors("passes.pt", passes)
+        for n in todo:
+            (z,), sample = folded[n]
+            e = _fold_probes(z, sample, n_probes, len(peak)) / size[:, None]
+            errors[n] = _errors(cand, ok_specs[n], iter(e.T), len(peak))
+            store.add(n, errors[n])
+    return (
+        {n: errors[n] for n in targets}, passes["peak"], passes["size"], passes["importance"], None, cluster_s
+    )
+
+
+def _probe_sketched(model, targets, units, cand, ok_specs, store, n_probes, seed, importance, progress):
+    """Fast probe, gradients first (`keep_sketch`): the passes keep per-layer gradient sketches
+    (per-pair sums where every candidate is a scalar palette on one grouping, else the per-sample
+    gradients), then every candidate is fitted and scored against them; the sketches stay for
+    `Sensitivity.estimate`. The cache keeps the sketches and finished layers."""
+    state = store.load_tensors("sketch.pt")
+    todo = [n for n in targets if store.get(n) is None]
+    if state is None or (importance and state["importance"] is None):
+        folds = {}
+        for n, m in targets.items():
+            groupings = {_group_rows(s) for s in ok_specs[n]}
+            scalar = len(groupings) == 1 and all(_is_value_function(s) for s in ok_specs[n])
+            folds[n] = _SketchFold(_ValueIndex(m.weight, groupings.pop()) if scalar else None, m.weight.numel())
+        folded, peak, size, imp = _fast_passes(model, targets, units, folds, n_probes, seed, importance, progress)
+        sketches = {n: folds[n].sketch(*folded[n]) for n in targets}
+        state = {"sketches": sketches, "peak": peak, "size": size, "importance": imp}
+        if todo:
+            store.save_tensors("sketch.pt", state)
+    sketches, peak, size = state["sketches"], state["peak"], state["size"]
+    errors = {n: store.get(n) for n in targets if n not in todo}
+    cluster_s = 0.0
+    bar = tqdm(total=len(todo), desc="score layers", disable=not progress, leave=False)
+    for chunk in _chunks(todo, {n: targets[n].weight.numel() for n in todo}):
+        fitted, secs = _fit(targets, chunk, ok_specs, seed)
+        cluster_s += secs
+        for name, pals in zip(chunk, fitted):
+            score = _Scorer(sketches[name], targets[name].weight, n_probes, len(peak))
+            errors[name] = _errors(cand, ok_specs[name], (score(p) / size for p in pals), len(peak))
+            store.add(name, errors[name])
+            bar.update()
+    bar.close()
+    return {n: errors[n] for n in targets}, peak, size, state["importance"], sketches, cluster_s
+
+
 def _candidate_specs(nbits, specs, granularities, group_size) -> list[PaletteSpec]:
     if specs is not None:
         out = list(dict.fromkeys(specs))
@@ -680,43 +843,16 @@ def probe_sensitivity(
     applicable = {n: [_applicable(s, shapes[n], n) for s in cand] for n in targets}
     n_eff = n_probes if method == "fast" else 0
     store = _Cache(cache, _fingerprint(targets, cand, method, seed, n_eff, probe_set.description))
-    errors: dict[str, np.ndarray] = {}
-    cluster_s = 0.0
-    imp = sketches = None
 
     if method == "fast":
-        dense = {n for n in targets if not all(_is_value_function(s) for s, ok in zip(cand, applicable[n]) if ok)}
-        state = store.load_tensors("sketch.pt")
-        todo = [n for n in targets if store.get(n) is None]
-        if state is None or (importance and state["importance"] is None):
-            sk, peak, size, imp = _fast_passes(model, targets, units, dense, n_probes, seed, importance, progress)
-            state = {"sketches": sk, "peak": peak, "size": size, "importance": imp}
-            if todo:
-                store.save_tensors("sketch.pt", state)
-        sketches, peak, size, imp = state["sketches"], state["peak"], state["size"], state["importance"]
-        n_samp = len(peak)
-        errors = {n: store.get(n) for n in targets if n not in todo}
-        bar = tqdm(total=len(todo), desc="score layers", disable=not progress, leave=False)
-        for chunk in _chunks(todo, {n: m.weight.numel() for n, m in targets.items()}):
-            items = [(targets[n].weight.detach(), [s for s, a in zip(cand, applicable[n]) if a], None) for n in chunk]
-            t0 = time.perf_counter()
-            fitted = fit_palettes_batch(items, seed=seed, names=chunk)
-            cluster_s += time.perf_counter() - t0
-            for name, pals in zip(chunk, fitted):
-                score = _Scorer(sketches[name], targets[name].weight, n_probes, n_samp)
-                pals_it = iter(pals)
-                err = np.full((len(cand), n_samp), np.nan)
-                for i, a in enumerate(applicable[name]):
-                    if a:
-                        err[i] = score(next(pals_it)) / size
-                errors[name] = err
-                store.add(name, err)
-                bar.update()
-            del fitted
-        bar.close()
-        errors = {n: errors[n] for n in targets}
+        ok_specs = {n: [s for s, a in zip(cand, applicable[n]) if a] for n in targets}
+        run = _probe_sketched if keep_sketch else _probe_streamed
+        errors, peak, size, imp, sketches, cluster_s = run(
+            model, targets, units, cand, ok_specs, store, n_probes, seed, importance, progress
+        )
         forwards, backwards = 1, n_probes
     else:
+        errors, cluster_s, imp, sketches = {}, 0.0, None, None
         with _guard(model, freeze=False):
             refs = _reference(model, units)
             peak = torch.cat([r.reshape(r.shape[0], -1).abs().amax(1).double() for r in refs]).numpy()

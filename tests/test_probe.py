@@ -194,27 +194,46 @@ def test_cache_resumes_to_the_same_result(tmp_path) -> None:
     handle.remove()
     resumed = probe_sensitivity(model, inputs, method="exhaustive", cache=tmp_path / "c", **FAST)
     assert resumed.to_dict() == full.to_dict()
-    # fast: interrupted while scoring (after the passes), then resumed
-    fast_full = probe_sensitivity(model, inputs, **FAST)
     import palette.probe as probe_mod
 
-    real = probe_mod._Scorer.__call__
-    calls = {"n": 0}
+    def interrupt_at(obj, attr: str, n: int):
+        """Make obj.attr raise KeyboardInterrupt on its n-th call; returns the undo."""
+        real = getattr(obj, attr)
+        calls = {"n": 0}
 
-    def flaky(self, new):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(self, new)
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
 
-    probe_mod._Scorer.__call__ = flaky
+        setattr(obj, attr, flaky)
+        return lambda: setattr(obj, attr, real)
+
+    # fast, streamed: interrupted in the passes (after fitting), then resumed without refitting
+    fast_full = probe_sensitivity(model, inputs, **FAST)
+    undo = interrupt_at(probe_mod._Streamed, "__call__", 7)
     try:
         with pytest.raises(KeyboardInterrupt):
             probe_sensitivity(model, inputs, cache=tmp_path / "f", **FAST)
     finally:
-        probe_mod._Scorer.__call__ = real
-    resumed = probe_sensitivity(model, inputs, cache=tmp_path / "f", **FAST)
+        undo()
+    undo = interrupt_at(probe_mod, "_fit", 1)  # a refit would raise
+    try:
+        resumed = probe_sensitivity(model, inputs, cache=tmp_path / "f", **FAST)
+    finally:
+        undo()
     assert resumed.to_dict() == fast_full.to_dict()
+    # fast, sketched: interrupted while scoring (after the passes), then resumed
+    sketched_full = probe_sensitivity(model, inputs, keep_sketch=True, **FAST)
+    undo = interrupt_at(probe_mod._Scorer, "__call__", 7)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            probe_sensitivity(model, inputs, cache=tmp_path / "s", keep_sketch=True, **FAST)
+    finally:
+        undo()
+    resumed = probe_sensitivity(model, inputs, cache=tmp_path / "s", keep_sketch=True, **FAST)
+    assert resumed.to_dict() == sketched_full.to_dict()
     with pytest.raises(ValueError, match="another model"):
         probe_sensitivity(model, inputs, cache=tmp_path / "f", **{**FAST, "n_probes": 5})
 
@@ -258,6 +277,25 @@ def test_per_grouped_channel_specs_use_dense_sketches() -> None:
     assert sens.error(name, specs[1]) < sens.error(name, specs[0])  # finer LUTs, smaller error
     w = dict(model.named_modules())[name].weight
     assert sens.estimate(name, fit_palette(w, specs[1])) == pytest.approx(sens.error(name, specs[1]), rel=1e-6)
+
+
+def test_streamed_and_sketched_probes_agree() -> None:
+    """Streaming (palettes first, nothing stored per gradient) and sketching (gradients first) are
+    the same estimator: equal errors for per-tensor, grouped and vector specs."""
+    model, inputs = tiny_bert()
+    specs = [
+        PaletteSpec(nbits=2),
+        PaletteSpec(nbits=4, granularity="per_grouped_channel", group_size=16),
+        PaletteSpec(nbits=2, cluster_dim=2),
+    ]
+    streamed = probe_sensitivity(model, inputs, specs=specs, n_probes=4, progress=False)
+    sketched = probe_sensitivity(model, inputs, specs=specs, n_probes=4, progress=False, keep_sketch=True)
+    for name in streamed.layers:
+        np.testing.assert_allclose(streamed.errors[name], sketched.errors[name], rtol=1e-5, atol=1e-12)
+    grouped = probe_sensitivity(model, inputs, specs=specs[1:2], n_probes=4, progress=False, keep_sketch=True)
+    assert all(sk.kind == "values" and sk.values.rows == 16 for sk in grouped.sketch.values())
+    for name in streamed.layers:
+        np.testing.assert_allclose(grouped.errors[name][0], streamed.errors[name][1], rtol=1e-5, atol=1e-12)
 
 
 def test_inputs_are_normalised_and_described() -> None:
