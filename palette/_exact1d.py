@@ -80,7 +80,7 @@ def _histogram(keys: np.ndarray, weights: np.ndarray, key_values: np.ndarray):
     return xs, ws
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, error_model="numpy")
 def _cost(p0, p1, p2, i, j):
     """Weighted sum of squared deviations of values i..j (inclusive) from their mean."""
     s0 = p0[j + 1] - p0[i]
@@ -95,9 +95,15 @@ def _cost(p0, p1, p2, i, j):
 # n / k^2 candidates, which beats divide and conquer's ~log n per end once k^2 * ratio >= n.
 KNUTH_RATIO = 4
 SWEEP_RUN = 16  # divide and conquer hands runs of fewer ends than this to a sweep
+# A lone segment with at least this many distinct values splits each DP layer over two threads;
+# below it the per-layer thread hand-off costs more than it saves.
+WIDE_MIN = 4096
+
+# error_model="numpy": IEEE division without Python's zero check, whose branch would keep LLVM
+# from vectorising the candidate loops (same results; a divisor here is never zero).
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True, error_model="numpy", inline="always")
 def _best_start(mid, lo, hi, p0, p1, p2, prev, buf):
     """min over i in [lo, hi] of prev[i-1] + cost(i, mid): (cost, smallest argmin)."""
     s0 = p0[mid + 1]
@@ -116,17 +122,18 @@ def _best_start(mid, lo, hi, p0, p1, p2, prev, buf):
     return best, arg
 
 
-@nb.njit(cache=True)
-def _layer_knuth(k, n, p0, p1, p2, prev, cur, starts):
-    """Layer k by Knuth's bounds, ends from right to left (a handful of candidates each)."""
-    upper = n - 1
-    for j in range(n - 1, k - 1, -1):
+@nb.njit(cache=True, error_model="numpy")
+def _layer_knuth(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts):
+    """Ends jlo..jhi of layer k, starts within [ilo, ihi], by Knuth's bounds: ends from right to
+    left, a handful of candidates each."""
+    upper = ihi
+    for j in range(jhi, jlo - 1, -1):
         s0 = p0[j + 1]
         s1 = p1[j + 1]
         s2 = p2[j + 1]
         best = np.inf
         arg = upper
-        for i in range(max(starts[k - 1, j], k), min(upper, j) + 1):
+        for i in range(max(starts[k - 1, j], ilo), min(upper, j) + 1):
             a0 = s0 - p0[i]
             a1 = s1 - p1[i]
             c = prev[i - 1] + (s2 - p2[i]) - a1 * a1 / a0
@@ -138,11 +145,12 @@ def _layer_knuth(k, n, p0, p1, p2, prev, cur, starts):
         upper = arg
 
 
-@nb.njit(cache=True)
-def _layer_split(k, n, p0, p1, p2, prev, cur, starts, buf, stack):
-    """Layer k by divide and conquer on the monotone argmin, within the previous layer's bound;
-    short runs of ends are swept left to right instead (fewer nodes, same bounds)."""
-    stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = k, n - 1, k, n - 1
+@nb.njit(cache=True, error_model="numpy")
+def _layer_split(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts, buf, stack):
+    """Ends jlo..jhi of layer k, starts within [ilo, ihi], by divide and conquer on the monotone
+    argmin within the previous layer's bound; short runs of ends are swept left to right instead
+    (fewer nodes, same bounds)."""
+    stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = jlo, jhi, ilo, ihi
     top = 1
     while top > 0:
         top -= 1
@@ -168,13 +176,39 @@ def _layer_split(k, n, p0, p1, p2, prev, cur, starts, buf, stack):
         top += 2
 
 
-@nb.njit(cache=True)
-def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray):
+@nb.njit(cache=True, error_model="numpy")
+def _pivot(k, p0, p1, p2, prev, cur, starts, buf) -> int:
+    """Solve the middle end of layer k over all its candidates and return it: its start bounds
+    the ends on either side, which are then two independent halves."""
+    n = cur.size
+    mid = (k + n - 1) // 2
+    best, arg = _best_start(mid, max(k, starts[k - 1, mid]), mid, p0, p1, p2, prev, buf)
+    cur[mid] = best
+    starts[k, mid] = arg
+    return mid
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _half(k, h, mid, p0, p1, p2, prev, cur, starts, buf, stack):
+    """Half h of layer k around its solved middle end: h = 0 the ends left of it, 1 the right."""
+    n = cur.size
+    arg = starts[k, mid]
+    jlo, jhi, ilo, ihi = (k, mid - 1, k, arg) if h == 0 else (mid + 1, n - 1, arg, n - 1)
+    if k * k * KNUTH_RATIO >= n:
+        _layer_knuth(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts)
+    else:
+        _layer_split(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts, buf, stack)
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray, wide: bool):
     """Optimal k-means of weighted sorted values for every k <= kmax.
 
     Returns (costs[k-1] for k = 1..kmax, centroids[len(ks), max(ks)]) where row r holds the
     ascending centroids of the optimal ks[r]-partition, padded by repeating the last one when
-    there are fewer distinct values than clusters.
+    there are fewer distinct values than clusters. `wide` runs the two halves of each layer on
+    two threads (inlined into `fit_segments`: inside its loop over many segments, numba runs
+    this nested prange serially). The split is the same either way, and so are the results.
     """
     n = xs.size
     kk = min(kmax, n)
@@ -188,22 +222,24 @@ def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray):
         p1[t + 1] = p1[t] + ws[t] * x
         p2[t + 1] = p2[t] + ws[t] * x * x
     starts = np.zeros((kk, n), dtype=np.int32)  # start of the last cluster, per layer and end
-    prev = np.empty(n)
+    rows = np.empty((2, n))  # layers k-1 and k, alternately
     for j in range(n):
-        prev[j] = _cost(p0, p1, p2, 0, j)
+        rows[0, j] = _cost(p0, p1, p2, 0, j)
     costs = np.zeros(kmax)
-    costs[0] = prev[n - 1]
-    cur = np.empty(n)
-    buf = np.empty(n)
-    stack = np.empty((64, 4), dtype=np.int64)
+    costs[0] = rows[0, n - 1]
+    bufs = np.empty((2, n))
+    stacks = np.empty((2, 64, 4), dtype=np.int64)
     for k in range(1, kk):
+        prev, cur = rows[(k - 1) & 1], rows[k & 1]
         cur[:] = np.inf
-        if k * k * KNUTH_RATIO >= n:
-            _layer_knuth(k, n, p0, p1, p2, prev, cur, starts)
+        mid = _pivot(k, p0, p1, p2, prev, cur, starts, bufs[0])
+        if wide:
+            for h in nb.prange(2):
+                _half(k, h, mid, p0, p1, p2, prev, cur, starts, bufs[h], stacks[h])
         else:
-            _layer_split(k, n, p0, p1, p2, prev, cur, starts, buf, stack)
+            for h in range(2):
+                _half(k, h, mid, p0, p1, p2, prev, cur, starts, bufs[h], stacks[h])
         costs[k] = cur[n - 1]
-        prev, cur = cur, prev
     for k in range(kk, kmax):
         costs[k] = 0.0  # as many clusters as distinct values: exact
     kmax_out = 0
@@ -222,6 +258,17 @@ def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray):
     return costs, centroids
 
 
+@nb.njit(cache=True, inline="always")
+def _fit_one(s, keys, starts, ends, weights, ks, kmax, key_values, costs, centroids, wide_ok):
+    """Histogram and DP of segment s into costs[s], centroids[s]."""
+    a, b = starts[s], ends[s]
+    w = weights[a:b] if weights.size else np.empty(0)
+    xs, ws = _histogram(keys[a:b], w, key_values)
+    c, cen = _solve(xs, ws, kmax, ks, wide_ok and xs.size >= WIDE_MIN)
+    costs[s] = c
+    centroids[s, :, : cen.shape[1]] = cen
+
+
 @nb.njit(parallel=True, cache=True)
 def fit_segments(
     keys: np.ndarray,
@@ -233,10 +280,10 @@ def fit_segments(
 ):
     """Exact k-means of every segment keys[starts[s]:ends[s]] for each cluster count in ks.
 
-    Segments are the groups of one or of many weights, so that one call keeps both cores busy
-    whether a layer has one group or hundreds. `weights` is aligned with `keys`, or empty for
-    plain counts. Returns (costs[s, k-1] for every k <= max(ks), centroids[s, r, :ks[r]]
-    ascending, float64 before rounding to fp16).
+    Segments are the groups of one or of many weights. Several segments are solved in parallel;
+    a lone one splits each DP layer over two threads instead, so both cores work either way.
+    `weights` is aligned with `keys`, or empty for plain counts. Returns (costs[s, k-1] for every
+    k <= max(ks), centroids[s, r, :ks[r]] ascending, float64 before rounding to fp16).
     """
     n_seg = starts.size
     kmax = 0
@@ -244,14 +291,15 @@ def fit_segments(
         kmax = max(kmax, ks[r])
     costs = np.zeros((n_seg, kmax))
     centroids = np.zeros((n_seg, ks.size, kmax))
-    for s in nb.prange(n_seg):
-        a, b = starts[s], ends[s]
-        w = weights[a:b] if weights.size else np.empty(0)
-        xs, ws = _histogram(keys[a:b], w, key_values)
-        c, cen = _solve(xs, ws, kmax, ks)
-        costs[s] = c
-        centroids[s, :, : cen.shape[1]] = cen
+    if n_seg == 1:
+        _fit_one(0, keys, starts, ends, weights, ks, kmax, key_values, costs, centroids, True)
+    else:
+        for s in nb.prange(n_seg):
+            _fit_one(s, keys, starts, ends, weights, ks, kmax, key_values, costs, centroids, False)
     return costs, centroids
+
+
+ASSIGN_CHUNK = 1 << 18  # elements per parallel task: a lone large segment still uses every core
 
 
 @nb.njit(parallel=True, cache=True)
@@ -260,15 +308,21 @@ def assign_segments(
 ) -> np.ndarray:
     """Index of the nearest LUT entry (ties to the lower index) for every element of every
     segment keys[starts[s]:ends[s]] (others are left unset); `luts` is segments x entries,
-    ascending float64 values of the fp16 LUT."""
+    ascending float64 values of the fp16 LUT. Work is split in chunks of every segment."""
     n_seg = starts.size
     n_entries = luts.shape[1]
+    first = np.zeros(n_seg + 1, dtype=np.int64)  # first task of each segment
+    for s in range(n_seg):
+        first[s + 1] = first[s] + max(1, (ends[s] - starts[s] + ASSIGN_CHUNK - 1) // ASSIGN_CHUNK)
     out = np.empty(keys.size, dtype=np.uint8)
-    for s in nb.prange(n_seg):
+    for task in nb.prange(first[n_seg]):
+        s = np.searchsorted(first, task, side="right") - 1
+        a = starts[s] + (task - first[s]) * ASSIGN_CHUNK
+        b = min(a + ASSIGN_CHUNK, ends[s])
         table = np.empty(N_KEYS, dtype=np.uint8)
         known = np.zeros(N_KEYS, dtype=np.bool_)
         lut = luts[s]
-        for e in range(starts[s], ends[s]):
+        for e in range(a, b):
             key = keys[e]
             if not known[key]:
                 x = key_values[key]

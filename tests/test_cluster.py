@@ -241,3 +241,30 @@ def test_spec_round_trip_and_defaults() -> None:
     assert PaletteSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="unknown PaletteSpec field"):
         PaletteSpec.from_dict({"nbits": 4, "bits": 3})
+
+
+def test_lone_segment_split_over_threads_equals_serial_solve() -> None:
+    """A lone large segment splits each DP layer over two threads; inside a many-segment call the
+    same segment is solved serially. Both must give the same bits."""
+    from palette import _exact1d
+
+    keys = _exact1d.fp16_keys(heavy_tailed((64, 1024), seed=11).numpy().reshape(-1).view(np.uint16))
+    assert np.unique(keys).size >= _exact1d.WIDE_MIN  # the split path is taken
+    ks = np.array([2, 16, 256])
+    lone = _exact1d.fit_segments(keys, np.array([0]), np.array([keys.size]), np.empty(0), ks, _exact1d.KEY_VALUES)
+    pair = _exact1d.fit_segments(keys, np.array([0, 0]), np.array([keys.size] * 2), np.empty(0), ks, _exact1d.KEY_VALUES)
+    (cost, cen), (costs2, cen2) = lone, pair
+    assert np.array_equal(cost[0], costs2[0]) and np.array_equal(cost[0], costs2[1])
+    for r, k in enumerate(ks):
+        assert np.array_equal(cen[0, r, :k], cen2[0, r, :k]) and np.array_equal(cen[0, r, :k], cen2[1, r, :k])
+
+
+def test_assignment_of_a_segment_larger_than_one_chunk_is_nearest_entry() -> None:
+    from palette import _exact1d
+
+    w = heavy_tailed((3, _exact1d.ASSIGN_CHUNK // 2 + 7), seed=12).numpy().reshape(-1)
+    keys = _exact1d.fp16_keys(w.view(np.uint16))
+    lut = np.sort(np.quantile(w.astype(np.float64), np.linspace(0, 1, 16)).astype(np.float16)).astype(np.float64)
+    idx = _exact1d.assign_segments(keys, np.array([0]), np.array([w.size]), lut[None], _exact1d.KEY_VALUES)
+    dist = np.abs(w.astype(np.float64)[:, None] - lut[None])
+    assert np.array_equal(idx, dist.argmin(axis=1))  # argmin: ties to the lower index
