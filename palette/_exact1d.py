@@ -299,7 +299,20 @@ def fit_segments(
     return costs, centroids
 
 
-ASSIGN_CHUNK = 1 << 18  # elements per parallel task: a lone large segment still uses every core
+ASSIGN_CHUNK = 1 << 20  # elements per parallel task: a lone large segment still uses every core
+
+
+@nb.njit(cache=True, inline="always")
+def _nearest(lut: np.ndarray, lo: int, x: float) -> int:
+    """Index of the LUT entry nearest x (ties to the lower index), given lo = first entry >= x."""
+    if lo == lut.size:
+        return lut.size - 1
+    if lo == 0:
+        return 0
+    below = lo - 1
+    while below > 0 and lut[below - 1] == lut[below]:
+        below -= 1  # first of equal entries
+    return below if x - lut[below] <= lut[lo] - x else lo
 
 
 @nb.njit(parallel=True, cache=True)
@@ -308,7 +321,12 @@ def assign_segments(
 ) -> np.ndarray:
     """Index of the nearest LUT entry (ties to the lower index) for every element of every
     segment keys[starts[s]:ends[s]] (others are left unset); `luts` is segments x entries,
-    ascending float64 values of the fp16 LUT. Work is split in chunks of every segment."""
+    ascending float64 values of the fp16 LUT.
+
+    Work is split in chunks of every segment. A chunk of at least N_KEYS / 16 elements first
+    tabulates every key in one merge of the keys (in value order) with the LUT, then gathers; a
+    smaller one looks keys up as they come (binary search, memoised).
+    """
     n_seg = starts.size
     n_entries = luts.shape[1]
     first = np.zeros(n_seg + 1, dtype=np.int64)  # first task of each segment
@@ -319,9 +337,19 @@ def assign_segments(
         s = np.searchsorted(first, task, side="right") - 1
         a = starts[s] + (task - first[s]) * ASSIGN_CHUNK
         b = min(a + ASSIGN_CHUNK, ends[s])
-        table = np.empty(N_KEYS, dtype=np.uint8)
-        known = np.zeros(N_KEYS, dtype=np.bool_)
         lut = luts[s]
+        table = np.empty(N_KEYS, dtype=np.uint8)
+        if b - a >= N_KEYS // 16:
+            lo = 0
+            for key in range(N_KEYS):  # key order is value order (NaN patterns at the ends: unused)
+                x = key_values[key]
+                while lo < n_entries and lut[lo] < x:
+                    lo += 1
+                table[key] = _nearest(lut, lo, x)
+            for e in range(a, b):
+                out[e] = table[keys[e]]
+            continue
+        known = np.zeros(N_KEYS, dtype=np.bool_)
         for e in range(a, b):
             key = keys[e]
             if not known[key]:
@@ -333,16 +361,7 @@ def assign_segments(
                         lo = mid + 1
                     else:
                         hi = mid
-                if lo == n_entries:
-                    best = n_entries - 1
-                elif lo == 0:
-                    best = 0
-                else:
-                    below = lo - 1
-                    while below > 0 and lut[below - 1] == lut[below]:
-                        below -= 1  # first of equal entries
-                    best = below if x - lut[below] <= lut[lo] - x else lo
-                table[key] = best
+                table[key] = _nearest(lut, lo, x)
                 known[key] = True
             out[e] = table[key]
     return out

@@ -251,20 +251,27 @@ def test_lone_segment_split_over_threads_equals_serial_solve() -> None:
     keys = _exact1d.fp16_keys(heavy_tailed((64, 1024), seed=11).numpy().reshape(-1).view(np.uint16))
     assert np.unique(keys).size >= _exact1d.WIDE_MIN  # the split path is taken
     ks = np.array([2, 16, 256])
-    lone = _exact1d.fit_segments(keys, np.array([0]), np.array([keys.size]), np.empty(0), ks, _exact1d.KEY_VALUES)
-    pair = _exact1d.fit_segments(keys, np.array([0, 0]), np.array([keys.size] * 2), np.empty(0), ks, _exact1d.KEY_VALUES)
+    fit = lambda starts: _exact1d.fit_segments(  # noqa: E731
+        keys, np.array(starts), np.array([keys.size] * len(starts)), np.empty(0), ks, _exact1d.KEY_VALUES
+    )
+    lone, pair = fit([0]), fit([0, 0])
     (cost, cen), (costs2, cen2) = lone, pair
     assert np.array_equal(cost[0], costs2[0]) and np.array_equal(cost[0], costs2[1])
     for r, k in enumerate(ks):
         assert np.array_equal(cen[0, r, :k], cen2[0, r, :k]) and np.array_equal(cen[0, r, :k], cen2[1, r, :k])
 
 
-def test_assignment_of_a_segment_larger_than_one_chunk_is_nearest_entry() -> None:
+def test_assignment_is_the_nearest_entry_in_every_path() -> None:
+    """Chunks of a segment larger than one task, tabulated and memoised lookups: all give the
+    nearest entry, ties (equal entries, midpoints) to the lower index."""
     from palette import _exact1d
 
     w = heavy_tailed((3, _exact1d.ASSIGN_CHUNK // 2 + 7), seed=12).numpy().reshape(-1)
     keys = _exact1d.fp16_keys(w.view(np.uint16))
-    lut = np.sort(np.quantile(w.astype(np.float64), np.linspace(0, 1, 16)).astype(np.float16)).astype(np.float64)
-    idx = _exact1d.assign_segments(keys, np.array([0]), np.array([w.size]), lut[None], _exact1d.KEY_VALUES)
+    lut = np.quantile(w.astype(np.float64), np.linspace(0, 1, 16)).astype(np.float16).astype(np.float64)
+    lut[5] = lut[4]
+    starts = np.array([0, w.size - 3000, w.size - 1000])  # one beyond a chunk, two small ones
+    ends = np.append(starts[1:], w.size)
+    idx = _exact1d.assign_segments(keys, starts, ends, np.repeat(lut[None], 3, 0), _exact1d.KEY_VALUES)
     dist = np.abs(w.astype(np.float64)[:, None] - lut[None])
     assert np.array_equal(idx, dist.argmin(axis=1))  # argmin: ties to the lower index
