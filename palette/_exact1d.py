@@ -91,10 +91,7 @@ def _cost(p0, p1, p2, i, j):
     return c if c > 0.0 else 0.0
 
 
-# Knuth's bounds start[k-1][j] <= start[k][j] <= start[k][j+1] narrow each search to about
-# n / k^2 candidates, which beats divide and conquer's ~log n per end once k^2 * ratio >= n.
-KNUTH_RATIO = 4
-SWEEP_RUN = 16  # divide and conquer hands runs of fewer ends than this to a sweep
+SWEEP_RUN = 16  # divide and conquer hands runs of fewer ends than this to a Knuth sweep
 # A lone segment with at least this many distinct values splits each DP layer over two threads;
 # below it the per-layer thread hand-off costs more than it saves.
 WIDE_MIN = 4096
@@ -124,8 +121,9 @@ def _best_start(mid, lo, hi, p0, p1, p2, prev, buf):
 
 @nb.njit(cache=True, error_model="numpy")
 def _layer_knuth(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts):
-    """Ends jlo..jhi of layer k, starts within [ilo, ihi], by Knuth's bounds: ends from right to
-    left, a handful of candidates each."""
+    """Ends jlo..jhi of layer k, starts within [ilo, ihi], by Knuth's bounds
+    start[k-1][j] <= start[k][j] <= start[k][j+1]: ends from right to left, a handful of
+    candidates each where the argmin moves with the end."""
     upper = ihi
     for j in range(jhi, jlo - 1, -1):
         s0 = p0[j + 1]
@@ -148,8 +146,10 @@ def _layer_knuth(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts):
 @nb.njit(cache=True, error_model="numpy")
 def _layer_split(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts, buf, stack):
     """Ends jlo..jhi of layer k, starts within [ilo, ihi], by divide and conquer on the monotone
-    argmin within the previous layer's bound; short runs of ends are swept left to right instead
-    (fewer nodes, same bounds)."""
+    argmin within the previous layer's bound; short runs of ends go to a Knuth sweep within the
+    node's bounds. Divide and conquer pays ~log n per end where the argmin moves with the end,
+    Knuth alone pays the width of the previous layer's gap where it barely moves (the cluster
+    around zero spans thousands of tiny fp16 values); together neither."""
     stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = jlo, jhi, ilo, ihi
     top = 1
     while top > 0:
@@ -158,12 +158,7 @@ def _layer_split(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts, buf, stac
         if jlo > jhi:
             continue
         if jhi - jlo < SWEEP_RUN:
-            lo = ilo
-            for j in range(jlo, jhi + 1):
-                best, arg = _best_start(j, max(lo, starts[k - 1, j]), min(j, ihi), p0, p1, p2, prev, buf)
-                cur[j] = best
-                starts[k, j] = arg
-                lo = arg
+            _layer_knuth(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts)
             continue
         mid = (jlo + jhi) // 2
         lo = max(ilo, starts[k - 1, mid])
@@ -194,10 +189,7 @@ def _half(k, h, mid, p0, p1, p2, prev, cur, starts, buf, stack):
     n = cur.size
     arg = starts[k, mid]
     jlo, jhi, ilo, ihi = (k, mid - 1, k, arg) if h == 0 else (mid + 1, n - 1, arg, n - 1)
-    if k * k * KNUTH_RATIO >= n:
-        _layer_knuth(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts)
-    else:
-        _layer_split(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts, buf, stack)
+    _layer_split(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts, buf, stack)
 
 
 @nb.njit(cache=True, error_model="numpy", inline="always")

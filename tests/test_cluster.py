@@ -275,3 +275,39 @@ def test_assignment_is_the_nearest_entry_in_every_path() -> None:
     idx = _exact1d.assign_segments(keys, starts, ends, np.repeat(lut[None], 3, 0), _exact1d.KEY_VALUES)
     dist = np.abs(w.astype(np.float64)[:, None] - lut[None])
     assert np.array_equal(idx, dist.argmin(axis=1))  # argmin: ties to the lower index
+
+
+def reference_dp_costs(values: np.ndarray, weights: np.ndarray, kmax: int) -> np.ndarray:
+    """Optimal costs for k = 1..kmax by the plain O(k n^2) DP over the distinct values."""
+    x, inv = np.unique(values, return_inverse=True)
+    w = np.bincount(inv, weights=weights)
+    p0, p1, p2 = (np.concatenate([[0.0], np.cumsum(w * x**e)]) for e in range(3))
+    n = x.size
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")  # cluster i..j
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s0 = p0[j + 1] - p0[i]
+        cost = np.where(i <= j, (p2[j + 1] - p2[i]) - (p1[j + 1] - p1[i]) ** 2 / s0, np.inf)
+    d = cost[0].copy()
+    out = [d[-1]]
+    for _ in range(1, kmax):
+        d = np.min(d[:-1, None] + cost[1:], axis=0)  # d[j]: min over the last cluster's start i >= 1
+        out.append(d[-1] if np.isfinite(d[-1]) else 0.0)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("case", ["heavy_tailed", "few_values", "weighted"])
+def test_dp_equals_plain_dp_on_hundreds_of_values(case: str) -> None:
+    """Divide and conquer, Knuth sweeps and the split at the middle end, on inputs large enough
+    to take every path, against the plain DP for every k up to 40."""
+    rng = np.random.default_rng(7)
+    if case == "few_values":  # heavy ties: 60 distinct values, very uneven counts
+        values = rng.choice(rng.standard_normal(60), size=5000, p=rng.dirichlet(np.full(60, 0.3)))
+    else:
+        values = rng.standard_t(4, size=700) * 0.05
+    values = values.astype(np.float16)
+    importance = rng.exponential(size=values.size) if case == "weighted" else None
+    w = torch.from_numpy(values)
+    costs = optimal_costs(w, 40, None if importance is None else torch.from_numpy(importance))
+    weights = np.ones(values.size) if importance is None else importance
+    ref = reference_dp_costs(values.astype(np.float64), weights, 40)
+    np.testing.assert_allclose(costs, ref, rtol=1e-9, atol=1e-12 * ref[0])
