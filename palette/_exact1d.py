@@ -157,6 +157,13 @@ def _layer_split(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts, buf, stac
         jlo, jhi, ilo, ihi = stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3]
         if jlo > jhi:
             continue
+        if ilo == ihi:  # the argmin is pinned: every end of the run starts its cluster there
+            for j in range(jlo, jhi + 1):
+                a0 = p0[j + 1] - p0[ilo]
+                a1 = p1[j + 1] - p1[ilo]
+                cur[j] = prev[ilo - 1] + (p2[j + 1] - p2[ilo]) - a1 * a1 / a0
+                starts[k, j] = ilo
+            continue
         if jhi - jlo < SWEEP_RUN:
             _layer_knuth(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts)
             continue
