@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -67,15 +68,6 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
     assert all(torch.equal(after[k], v) for k, v in before.items()), "export changed weights"
 
 
-class _UNetSample(nn.Module):
-    def __init__(self, unet: nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
 @pytest.fixture(scope="module")
 def tiny_unet():
     from diffusers import UNet2DConditionModel
@@ -121,13 +113,9 @@ def unet_export(tiny_unet, tmp_path_factory):
     palettes = recipe_palettes(unet, mixed_recipe(unet))
     before = snapshot(unet)
     path = tmp_path_factory.mktemp("unet") / "Unet.mlpackage"
-    report = export_coreml(_UNetSample(unet), path, inputs, _prefixed(palettes, "unet."))
+    report = export_coreml(unet, path, inputs, palettes)
     assert_unchanged(unet, before)
     return palettes, path, report
-
-
-def _prefixed(palettes: dict, prefix: str) -> dict:
-    return {prefix + k: v for k, v in palettes.items()}
 
 
 def test_mixed_recipe_covers_every_option(tiny_unet):
@@ -147,7 +135,7 @@ def test_unet_export_is_exact(tiny_unet, unet_export):
     assert report.n_palettized == len(palettes) == sum(s is not None for s in recipe.values())
     assert report.n_kept == sum(s is None for s in recipe.values())
     # Re-verify from scratch: exactly palette's LUT[indices] * scale, bit for bit.
-    again = verify_mlpackage(path, _prefixed(palettes, "unet."))
+    again = verify_mlpackage(path, palettes)
     assert again.stored_palettized_bytes == report.stored_palettized_bytes
     # Without per-channel scales the stored blobs are exactly the predicted bytes; with them,
     # coremltools (below iOS26) stores one LUT per output channel.
@@ -160,7 +148,7 @@ def test_unet_export_is_exact(tiny_unet, unet_export):
 
 def test_verification_catches_mismatches(unet_export):
     palettes, path, _ = unet_export
-    pals = _prefixed(palettes, "unet.")
+    pals = palettes
     name, pal = next((n, p) for n, p in pals.items() if p.spec.nbits >= 2 and p.scale is None)
     idx = pal.indices.clone()
     idx.view(-1)[0] = (int(idx.view(-1)[0]) + 1) % pal.spec.n_entries
@@ -359,12 +347,11 @@ def test_safetensors_empty(tmp_path):
 def test_palettize_mlpackage_matches_by_content(tiny_unet, unet_export, tmp_path):
     unet, inputs = tiny_unet
     palettes, _, _ = unet_export
-    wrapped = _UNetSample(unet)
     fp16 = tmp_path / "fp16.mlpackage"
-    plain = export_coreml(wrapped, fp16, inputs)
+    plain = export_coreml(unet, fp16, inputs)
     assert plain.n_palettized == 0 and plain.n_kept == len(target_layers(unet))
     before = snapshot(unet)
-    report = palettize_mlpackage(fp16, _prefixed(palettes, "unet."), wrapped, tmp_path / "pal.mlpackage")
+    report = palettize_mlpackage(fp16, palettes, unet, tmp_path / "pal.mlpackage")
     assert_unchanged(unet, before)
     assert report.n_palettized == len(palettes)
     assert report.n_kept == sum(s is None for s in mixed_recipe(unet).values())
@@ -375,8 +362,8 @@ def test_palettize_mlpackage_matches_by_content(tiny_unet, unet_export, tmp_path
     with torch.no_grad():
         layer.weight[0].add_(0.5)
     try:
-        with pytest.raises(ValueError, match=rf"unet\.{name}: no fp16 const equals its weight"):
-            palettize_mlpackage(fp16, {f"unet.{name}": PaletteSpec(4)}, wrapped, tmp_path / "bad.mlpackage")
+        with pytest.raises(ValueError, match=rf"{re.escape(name)}: no fp16 const equals its weight"):
+            palettize_mlpackage(fp16, {name: PaletteSpec(4)}, unet, tmp_path / "bad.mlpackage")
     finally:
         with torch.no_grad():
             layer.weight.copy_(before[f"{name}.weight"])
@@ -467,7 +454,7 @@ def test_default_model_unet(tmp_path):
         torch.randn(1, 16, cfg.cross_attention_dim),
     )
     before = snapshot(unet)
-    report = export_coreml(_UNetSample(unet), tmp_path / "default.mlpackage", inputs, _prefixed(palettes, "unet."))
+    report = export_coreml(unet, tmp_path / "default.mlpackage", inputs, palettes)
     assert_unchanged(unet, before)
     assert report.n_palettized == len(palettes)
     assert report.stored_palettized_bytes == report.predicted_palettized_bytes
