@@ -91,6 +91,10 @@ def _cost(p0, p1, p2, i, j):
     return c if c > 0.0 else 0.0
 
 
+# Knuth's bounds start[k-1][j] <= start[k][j] <= start[k][j+1] leave about n / k^2 candidates
+# per end: from k^2 * ratio >= n a layer is one Knuth sweep (fewest steps per end), below that
+# divide and conquer (~log n per end) with Knuth sweeps for its short runs.
+KNUTH_RATIO = 4
 SWEEP_RUN = 16  # divide and conquer hands runs of fewer ends than this to a Knuth sweep
 # A lone segment with at least this many distinct values splits each DP layer over two threads;
 # below it the per-layer thread hand-off costs more than it saves.
@@ -147,9 +151,8 @@ def _layer_knuth(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts):
 def _layer_split(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts, buf, stack):
     """Ends jlo..jhi of layer k, starts within [ilo, ihi], by divide and conquer on the monotone
     argmin within the previous layer's bound; short runs of ends go to a Knuth sweep within the
-    node's bounds. Divide and conquer pays ~log n per end where the argmin moves with the end,
-    Knuth alone pays the width of the previous layer's gap where it barely moves (the cluster
-    around zero spans thousands of tiny fp16 values); together neither."""
+    node's bounds (tighter than the previous layer's alone where the argmin barely moves, as in
+    the cluster around zero, which spans thousands of tiny fp16 values)."""
     stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = jlo, jhi, ilo, ihi
     top = 1
     while top > 0:
@@ -196,7 +199,10 @@ def _half(k, h, mid, p0, p1, p2, prev, cur, starts, buf, stack):
     n = cur.size
     arg = starts[k, mid]
     jlo, jhi, ilo, ihi = (k, mid - 1, k, arg) if h == 0 else (mid + 1, n - 1, arg, n - 1)
-    _layer_split(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts, buf, stack)
+    if k * k * KNUTH_RATIO >= n:
+        _layer_knuth(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts)
+    else:
+        _layer_split(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts, buf, stack)
 
 
 @nb.njit(cache=True, error_model="numpy", inline="always")
