@@ -38,13 +38,17 @@ from palette.models.minilm import load_minilm
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 900
+    steps: int = 1750
     batch: int = 24
     lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 1e-4
     ema_decay: float = 0.995
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting: faster convergence (Hang et al. 2023)
+    # Noisy end: weight the epsilon loss by 1/SNR (capped here) where SNR < 1, i.e. x0-space weight 1.
+    # Epsilon prediction carries x0 with a factor sqrt(SNR) only, so unweighted it barely learns the
+    # conditional mean at high noise, where background and position are decided.
+    max_eps_weight: float = 20.0
     caption_dropout: float = 0.1  # empty-prompt rate, for classifier-free guidance
     checker_steps: int = 400
     threads: int = 1  # 2 OpenMP threads stall badly when the 2 cores are shared
@@ -56,6 +60,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def loss_weight(snr: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Epsilon-loss weight: x0-space weight clamp(SNR, 1, gamma) (Min-SNR at the clean end,
+    truncated SNR at the noisy end), expressed for the epsilon loss and capped at max_eps_weight."""
+    return torch.minimum(cfg.min_snr_gamma / snr, torch.clamp(1 / snr, min=1.0, max=cfg.max_eps_weight))
 
 
 def train(cfg: TrainConfig, out: Path) -> dict:
@@ -105,7 +115,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         eps = unet(noisy, t, encoder_hidden_states=cond).sample
-        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]
+        weight = loss_weight(snr[t], cfg)
         loss = (weight * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -171,9 +181,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Train palette's default model (CPU, deterministic).")
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
     ap.add_argument("--checker-steps", type=int, default=TrainConfig.checker_steps)
+    ap.add_argument("--max-eps-weight", type=float, default=TrainConfig.max_eps_weight)
+    ap.add_argument("--threads", type=int, default=TrainConfig.threads)
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     args = ap.parse_args()
-    summary = train(TrainConfig(steps=args.steps, checker_steps=args.checker_steps), args.out)
+    cfg = TrainConfig(
+        steps=args.steps, checker_steps=args.checker_steps, max_eps_weight=args.max_eps_weight, threads=args.threads
+    )
+    summary = train(cfg, args.out)
     print(json.dumps(summary, indent=2))
 
 
