@@ -3,8 +3,9 @@
     python benchmarks/bench_allocate.py                    # MiniLM, then the default UNet
     python benchmarks/bench_allocate.py --models minilm
 
-Per model: palette's fast probe once (nbits 1/2/3/4/6/8 x per_tensor, per_grouped_channel g16,
-probe inputs seed 0); Apple's MBP pre-analysis (`benchmarks/mbp_reference.py`) on the same probe
+Per model: palette's fast probe once (nbits 1/2/3/4/6/8 x per_tensor, per_grouped_channel g16;
+MiniLM on synthesised inputs from 8 built-in prompts, the UNet on `default_probe_inputs(seed=0)`,
+its data-free procedural scenes and captions noised at 6 timesteps); Apple's MBP pre-analysis (`benchmarks/mbp_reference.py`) on the same probe
 set. At three target sizes (uniform 4-bit per-tensor k-means, 3.0 and 2.5 bits per target weight,
 LUTs included) it measures palette's recipe, uniform per-tensor k-means where it exists, and the
 MBP threshold recipe with the largest exact size within the target (thresholds swept every
@@ -42,31 +43,30 @@ SEED = 0
 MB = 1e6
 
 
-def minilm_setup() -> tuple[torch.nn.Module, dict[str, Any], Any]:
-    """MiniLM, probe kwargs (the first 8 built-in prompts), held-out inputs (the other 8)."""
+def minilm_setup() -> tuple[torch.nn.Module, Any, dict[str, Any], Any]:
+    """MiniLM, probe inputs (None: synthesised from the first 8 built-in prompts), probe kwargs,
+    held-out inputs (the other 8 prompts)."""
     from palette.models.minilm import load_minilm
 
     model, tok = load_minilm()
     t = tok(list(PROMPTS[8:16]), padding="longest", return_tensors="pt")
-    return model, {"tokenizer": tok}, {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+    return model, None, {"tokenizer": tok}, {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
 
 
-def default_setup() -> tuple[torch.nn.Module, dict[str, Any], Any]:
-    """The default UNet, probe kwargs (real MiniLM embeddings of the built-in prompts, its own
-    noise schedule), held-out inputs (`default_probe_inputs(seed=1)`)."""
-    from palette.models.default import default_probe_inputs, load_unet, make_scheduler
-    from palette.models.minilm import load_minilm
+def default_setup() -> tuple[torch.nn.Module, Any, dict[str, Any], Any]:
+    """The default UNet, its data-free probe inputs (`default_probe_inputs(seed=0)`: procedural
+    held-out scenes noised at 6 timesteps, real MiniLM embeddings), no kwargs, held-out inputs
+    (`default_probe_inputs(seed=1)`: other scenes, captions and noise)."""
+    from palette.models.default import default_probe_inputs, load_unet
 
-    enc, tok = load_minilm()
-    kwargs = {"text_encoder": enc, "tokenizer": tok, "scheduler": make_scheduler()}
-    return load_unet(), kwargs, default_probe_inputs(n=8, seed=1)
+    return load_unet(), default_probe_inputs(n=8, seed=0), {}, default_probe_inputs(n=8, seed=1)
 
 
 SETUPS = {"minilm": minilm_setup, "default": default_setup}
 
 
-def probe(model: torch.nn.Module, kwargs: dict[str, Any], n_probes: int):
-    return probe_sensitivity(model, method="fast", nbits=NBITS, granularities=GRANULARITIES, group_size=16,
+def probe(model: torch.nn.Module, inputs: Any, kwargs: dict[str, Any], n_probes: int):
+    return probe_sensitivity(model, inputs, method="fast", nbits=NBITS, granularities=GRANULARITIES, group_size=16,
                              seed=SEED, n_probes=n_probes, progress=False, **kwargs)
 
 
@@ -86,19 +86,19 @@ def cached(cache: Path | None, name: str, compute):
 
 
 def run_model(key: str, n_probes: int, cache: Path | None) -> tuple[list[str], str]:
-    model, kwargs, held_out = SETUPS[key]()
+    model, inputs, kwargs, held_out = SETUPS[key]()
     name = type(model).__name__
     print(f"\n=== {key}: {name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
 
     def psnr(mapping) -> float:
         return measure(model, mapping, held_out).psnr
 
-    sens = cached(cache, f"{key}_sens_{n_probes}.pkl", lambda: probe(model, kwargs, n_probes))
+    sens = cached(cache, f"{key}_sens_{n_probes}.pkl", lambda: probe(model, inputs, kwargs, n_probes))
     print(f"palette fast probe: {len(sens.layers)} layers x {len(sens.specs)} specs, "
           f"{sens.cost.forward_equivalents:g} forward-equivalents, {sens.cost.seconds:.1f} s "
           f"({sens.cost.cluster_seconds:.1f} s clustering)")
 
-    units = make_probe_set(model, None, seed=SEED, **kwargs).units
+    units = make_probe_set(model, inputs, seed=SEED, **kwargs).units
     ana = cached(cache, f"{key}_mbp.pkl", lambda: mbp.pre_analysis(model, units))
     n_cand = len(ana.sizes)
     assert ana.calls == 10 * n_cand + 19, (ana.calls, n_cand)
@@ -111,7 +111,7 @@ def run_model(key: str, n_probes: int, cache: Path | None) -> tuple[list[str], s
     uniform4 = from_mapping(model, sens.uniform(PaletteSpec(4)))
     targets = [("uniform 4b size", {"budget_gb": uniform4.size_bytes / 1e9}),
                ("3.0 bits", {"budget_bits": 3.0}), ("2.5 bits", {"budget_bits": 2.5})]
-    rows, mbp_points = [], []
+    rows, mbp_points, export_rows = [], [], []
     for label, budget in targets:
         recipe = allocate_bits(model, sensitivity=sens, seed=SEED, progress=False, **budget)
         capacity = recipe.info["budget"]["bytes"]
@@ -134,8 +134,9 @@ def run_model(key: str, n_probes: int, cache: Path | None) -> tuple[list[str], s
         rows.append(f"| {key} | {label}: {capacity / MB:.3f} MB | {mb_bits(recipe)} | {measured:.2f} | "
                     f"{recipe.predicted_psnr:.2f} | {uni or '-'} | {m_cell} | {delta} |")
         if label == "3.0 bits":
+            export_rows.append(export_check(key, model, held_out, recipe))
             again = allocate_bits(model, sensitivity=sens, seed=SEED, progress=False, **budget)
-            reprobed = allocate_bits(model, sensitivity=probe(model, kwargs, n_probes), seed=SEED,
+            reprobed = allocate_bits(model, sensitivity=probe(model, inputs, kwargs, n_probes), seed=SEED,
                                      progress=False, **budget)
             same = recipe.dumps() == again.dumps() == reprobed.dumps()
             print(f"determinism (3.0 bits): same sensitivity {recipe.dumps() == again.dumps()}, "
@@ -157,7 +158,30 @@ def run_model(key: str, n_probes: int, cache: Path | None) -> tuple[list[str], s
     png = plot_psnr_vs_size(model, HERE / f"psnr_vs_size_{key}.png", sensitivity=sens, inputs=held_out,
                             seed=SEED, extra={"Apple MBP threshold recipes": sorted(set(mbp_points))})
     print(f"plot: {png.relative_to(HERE.parent)} ({time.perf_counter() - t0:.1f} s)")
-    return rows, cost
+    return rows, cost, export_rows
+
+
+def example_inputs(held_out: Any) -> tuple[torch.Tensor, ...]:
+    """One sample of the held-out inputs, as positional tensors for tracing."""
+    if isinstance(held_out, dict):
+        return (held_out["input_ids"][:1], held_out["attention_mask"][:1])
+    return tuple(t[:1] for t in held_out[0])
+
+
+def export_check(key: str, model: torch.nn.Module, held_out: Any, recipe) -> str:
+    """Export the recipe to Core ML (verified bit for bit) and compare stored with predicted bytes."""
+    import tempfile
+
+    from palette.export import export_coreml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rep = export_coreml(model, Path(tmp) / f"{key}.mlpackage", example_inputs(held_out), recipe)
+    predicted = sum(spec.nbytes(recipe.shapes[n]) for n, spec in recipe.palettized.items())
+    pal = rep.stored_palettized_bytes / predicted - 1
+    total = rep.weight_file_bytes / recipe.size_bytes - 1
+    return (f"| {key} | {recipe.bits_per_weight:.2f} b | {rep.n_palettized} | {predicted:,} / "
+            f"{rep.stored_palettized_bytes:,} ({100 * pal:+.3f}%) | {recipe.size_bytes:,} / "
+            f"{rep.weight_file_bytes:,} ({100 * total:+.2f}%) |")
 
 
 def main() -> None:
@@ -169,11 +193,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    rows, costs = [], []
+    rows, costs, exports = [], [], []
     for key in args.models:
-        r, c = run_model(key, args.n_probes, args.cache)
+        r, c, e = run_model(key, args.n_probes, args.cache)
         rows += r
         costs.append(c)
+        exports += e
     print("\n| model | target | palette size (bits/w) | palette measured dB | predicted dB | uniform per-tensor dB "
           "| MBP dB | MBP size (bits/w), threshold | palette - MBP dB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -181,6 +206,10 @@ def main() -> None:
     print("\n| model | palette fast probe | MBP pre-analysis | calls ratio | seconds ratio |")
     print("|---|---|---|---|---|")
     print("\n".join(costs))
+    print("\n| model | recipe (3.0 bits) | palettized layers | palettized bytes: predicted / Core ML stored "
+          "| whole model: Recipe.size_bytes / Core ML weight.bin |")
+    print("|---|---|---|---|---|")
+    print("\n".join(exports))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; n_probes {args.n_probes}, torch threads {args.threads}"
           + (f", cached probes from {args.cache}" if args.cache else ""))
 

@@ -1,7 +1,8 @@
 """Sensitivity probing benchmark: the fast estimator against the exhaustive (Apple MBP style) one.
 
 Per model (all-MiniLM-L6-v2 with its pretrained weights, the default model when its weights are
-present, a tiny random diffusers UNet), on one data-free probe set:
+present, a tiny random diffusers UNet), on one data-free probe set, with the candidates that
+`allocate_bits` probes by default (nbits 1/2/3/4/6/8 x per_tensor and per_grouped_channel g16):
 - Spearman rank correlation of fast-predicted vs exhaustively measured per-layer errors, 4 and 2 bits;
 - whole-model latent PSNR, additive prediction vs measured, for uniform 4-bit and for a mixed
   mapping (the more sensitive half of the layers at 6 bits, the rest at 3 bits);
@@ -9,7 +10,7 @@ present, a tiny random diffusers UNet), on one data-free probe set:
 `--sd15`: the fast probe on the full-size Stable Diffusion 1.5 UNet architecture (random weights
 scaled to fan-in, 64x64 latents): wall time and peak memory.
 
-    python -m benchmarks.bench_sensitivity [--probes 8 16] [--threads 1] [--only default] [--sd15]
+    python -m benchmarks.bench_sensitivity [--probes 4 8] [--threads 1] [--only default] [--sd15]
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from palette.palettize import apply_palettes, keep_original, target_layers
 from palette.probe import Sensitivity, probe_sensitivity
 from palette.probe_inputs import make_probe_set
 from palette.spec import PaletteSpec
+
+
+GRANULARITIES = ("per_tensor", "per_grouped_channel")
 
 
 def tiny_unet() -> nn.Module:
@@ -65,7 +69,7 @@ def mixed_mapping(sens: Sensitivity) -> dict[str, PaletteSpec]:
 
 def bench_model(label: str, model: nn.Module, probe_kw: dict, probes: list[int]) -> list[str]:
     """Rows of the results table for one model."""
-    kw = dict(progress=False, **probe_kw)
+    kw = dict(progress=False, granularities=GRANULARITIES, **probe_kw)
     exh = probe_sensitivity(model, method="exhaustive", **kw)
     names = list(exh.layers)
     s4, s2 = PaletteSpec(nbits=4), PaletteSpec(nbits=2)
@@ -105,19 +109,16 @@ def models(only: list[str] | None) -> list[tuple[str, nn.Module, dict]]:
     minilm, tok = load_minilm()
     out.append(("all-MiniLM-L6-v2 (pretrained)", minilm, dict(tokenizer=tok, n_samples=16)))
     try:
-        from palette.models.default import load_default
+        from palette.models.default import default_probe_inputs, load_unet
 
-        pipe = load_default()
-        out.append(("default model (trained UNet)", pipe.unet,
-                    dict(text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
-                         n_samples=4)))
+        out.append(("default model (trained UNet)", load_unet(), dict(inputs=default_probe_inputs(n=4, seed=0))))
     except (OSError, FileNotFoundError, ImportError, ValueError) as e:
         print(f"default model not available ({type(e).__name__}: {str(e)[:120]}); skipped", flush=True)
     out.append(("tiny random UNet", tiny_unet(), dict()))
     return [m for m in out if not only or any(o in m[0] for o in only)]
 
 
-def sd15(probes: int, n_samples: int) -> None:
+def sd15(probes: int, n_samples: int, granularities: tuple[str, ...]) -> None:
     from diffusers import UNet2DConditionModel
 
     t0 = time.perf_counter()
@@ -130,13 +131,13 @@ def sd15(probes: int, n_samples: int) -> None:
     print(f"SD1.5 UNet: {n_params / 1e6:.0f}M parameters, {len(target_layers(unet))} target layers, "
           f"built in {time.perf_counter() - t0:.0f} s", flush=True)
     t1 = time.perf_counter()
-    sens = probe_sensitivity(unet, n_probes=probes, n_samples=n_samples)
+    sens = probe_sensitivity(unet, n_probes=probes, n_samples=n_samples, batch_size=1, granularities=granularities)
     wall = time.perf_counter() - t1
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak_gb = usage.ru_maxrss * 1024 / 1e9
     cpu = usage.ru_utime + usage.ru_stime
     s4 = PaletteSpec(nbits=4)
-    print(f"SD1.5 fast probe: K={probes}, {n_samples} samples, {len(sens.layers)} layers x {len(sens.specs)} specs: "
+    print(f"SD1.5 fast probe: K={probes}, {n_samples} samples (one per unit), {'+'.join(granularities)}, {len(sens.layers)} layers x {len(sens.specs)} specs: "
           f"{wall:.0f} s wall ({sens.cost.cluster_seconds:.0f} s clustering), {cpu:.0f} CPU-s in the process, "
           f"peak RSS {peak_gb:.2f} GB; "
           f"{sens.cost.forward_equivalents:.0f} forward-eq. vs exhaustive "
@@ -147,17 +148,18 @@ def sd15(probes: int, n_samples: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--probes", type=int, nargs="+", default=[8, 16], help="K values for the fast probe")
+    ap.add_argument("--probes", type=int, nargs="+", default=[4, 8], help="K values for the fast probe")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--only", nargs="+", help="models whose label contains one of these words")
     ap.add_argument("--sd15", action="store_true", help="only the SD1.5-scale fast probe")
     ap.add_argument("--sd15-probes", type=int, default=8)
     ap.add_argument("--sd15-samples", type=int, default=2)
+    ap.add_argument("--sd15-granularities", nargs="+", default=["per_tensor"], choices=GRANULARITIES)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.sd15:
-        sd15(args.sd15_probes, args.sd15_samples)
+        sd15(args.sd15_probes, args.sd15_samples, tuple(args.sd15_granularities))
         return
     print(HEADER, flush=True)
     for label, model, kw in models(args.only):

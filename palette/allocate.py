@@ -147,6 +147,7 @@ def allocate_bits(
     min_numel: int = DEFAULT_MIN_NUMEL,
     importance: bool = False,
     max_chunk_bytes: int | None = None,
+    calibrate: bool = True,
     progress: bool = True,
     **probe_kwargs: Any,
 ) -> Recipe:
@@ -158,6 +159,11 @@ def allocate_bits(
     `inputs` (or synthesised ones), `method`, the candidate `nbits` x `granularities`, and `seed`.
     `importance=True` also scores, per layer and spec, k-means weighted by the probe's Fisher
     importance, and keeps it (its LUT stored in the recipe) only where it predicts less error.
+    `calibrate=True` runs the chosen recipe on the probe set (two forward passes: with and without
+    it) and makes that measured PSNR the recipe's `predicted_psnr`: the additive first-order sum is
+    optimistic at low bits, where layers' errors grow and interact nonlinearly; it stays in
+    `info["additive_psnr"]`. Without the probe set (a `sensitivity` from inputs not given here)
+    the additive estimate is kept and `info["calibration"]` says why.
     The model is not modified.
     """
     if (budget_gb is None) == (budget_bits is None):
@@ -211,6 +217,8 @@ def allocate_bits(
     recipe = from_mapping(model, mapping, min_numel=min_numel,
                           predicted_psnr=predict_psnr(sensitivity, sol.choice), seed=seed, info=info)
     recipe.luts = {n: o.lut for n, o in sol.choice.items() if o.lut is not None}
+    if calibrate:
+        _calibrate(model, recipe, sensitivity, inputs, probe_kwargs)
     if max_chunk_bytes is not None:
         from .export.chunk import chunks_needed, layer_bytes_in_order
 
@@ -219,6 +227,32 @@ def allocate_bits(
                            chunks=chunks_needed(layer_bytes_in_order(model, recipe, example), max_chunk_bytes))
     assert recipe.size_bytes <= capacity
     return recipe
+
+
+PROBE_SET_KWARGS = ("n_samples", "batch_size", "text_encoder", "tokenizer", "scheduler")
+
+
+def _calibrate(model: nn.Module, recipe: Recipe, sensitivity: Any, inputs: Any, probe_kwargs: dict) -> None:
+    """Measure the recipe on the probe set the sensitivity came from; record it as predicted."""
+    from .measure import measure
+    from .probe_inputs import make_probe_set
+
+    recipe.info["additive_psnr"] = recipe.predicted_psnr
+    kw = {k: probe_kwargs[k] for k in PROBE_SET_KWARGS if k in probe_kwargs}
+    try:
+        description = make_probe_set(model, inputs, seed=sensitivity.seed, **kw).description
+    except ValueError as e:
+        recipe.info["calibration"] = f"not calibrated: no probe inputs ({e})"
+        return
+    if description != sensitivity.inputs_description:
+        recipe.info["calibration"] = (
+            f"not calibrated: the sensitivity was probed on {sensitivity.inputs_description!r}, "
+            f"these inputs are {description!r}; pass the probe inputs to calibrate"
+        )
+        return
+    m = measure(model, recipe.palettes(model), inputs, seed=sensitivity.seed, **kw)
+    recipe.predicted_psnr = m.psnr
+    recipe.info["calibration"] = f"measured on the probe set ({description}), 2 forward passes"
 
 
 def predict_psnr(sensitivity: Any, choice: Mapping[str, Option]) -> float:

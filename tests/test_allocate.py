@@ -232,3 +232,17 @@ def test_chunk_limit_rules_out_weights_above_it_and_counts_chunks(sens) -> None:
     assert recipe.info["chunks"] >= 2
     with pytest.raises(ValueError, match="alone"):
         allocate_bits(model, budget_bits=12.0, sensitivity=sens, max_chunk_bytes=200)
+
+
+def test_calibrated_prediction_is_the_recipe_measured_on_the_probe_set(sens) -> None:
+    model = tiny_model()
+    before = state(model)
+    recipe = allocate_bits(model, budget_bits=2.5, sensitivity=sens, inputs=INPUTS, progress=False)
+    assert recipe.predicted_psnr == pytest.approx(recipe.validate(model, INPUTS).psnr, abs=1e-9)
+    assert recipe.info["additive_psnr"] == allocate_bits(
+        model, budget_bits=2.5, sensitivity=sens, calibrate=False, progress=False).predicted_psnr
+    assert "measured on the probe set" in recipe.info["calibration"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    uncalibrated = allocate_bits(model, budget_bits=2.5, sensitivity=sens, progress=False)  # no inputs
+    assert uncalibrated.predicted_psnr == recipe.info["additive_psnr"]
+    assert "not calibrated" in uncalibrated.info["calibration"]
