@@ -182,9 +182,12 @@ def _layer_split(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts, buf, stac
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _pivot(k, p0, p1, p2, prev, cur, starts, buf) -> int:
-    """Solve the middle end of layer k over all its candidates and return it: its start bounds
-    the ends on either side, which are then two independent halves."""
+def _pivot(k, p0, p1, p2, rows, starts, buf) -> int:
+    """Start layer k (row k & 1 of `rows`; row (k-1) & 1 holds layer k-1): solve its middle end
+    over all its candidates and return it. That end's start bounds the ends on either side,
+    which are then two independent halves."""
+    prev, cur = rows[(k - 1) & 1], rows[k & 1]
+    cur[:] = np.inf
     n = cur.size
     mid = (k + n - 1) // 2
     best, arg = _best_start(mid, max(k, starts[k - 1, mid]), mid, p0, p1, p2, prev, buf)
@@ -194,8 +197,9 @@ def _pivot(k, p0, p1, p2, prev, cur, starts, buf) -> int:
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _half(k, h, mid, p0, p1, p2, prev, cur, starts, buf, stack):
+def _half(k, h, mid, p0, p1, p2, rows, starts, buf, stack):
     """Half h of layer k around its solved middle end: h = 0 the ends left of it, 1 the right."""
+    prev, cur = rows[(k - 1) & 1], rows[k & 1]
     n = cur.size
     arg = starts[k, mid]
     jlo, jhi, ilo, ihi = (k, mid - 1, k, arg) if h == 0 else (mid + 1, n - 1, arg, n - 1)
@@ -205,15 +209,39 @@ def _half(k, h, mid, p0, p1, p2, prev, cur, starts, buf, stack):
         _layer_split(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts, buf, stack)
 
 
-@nb.njit(cache=True, error_model="numpy", inline="always")
+# The layer loop twice: one thread, and the two halves of each layer on two threads. numba's
+# workqueue layer cannot launch a parallel kernel from inside another, so the threaded loop is a
+# kernel of its own, for a lone segment; both compute the same halves, hence the same bits.
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _layers(p0, p1, p2, rows, starts, costs, bufs, stacks):
+    """Layers 1 .. starts.shape[0] - 1 of the DP, one thread."""
+    for k in range(1, starts.shape[0]):
+        mid = _pivot(k, p0, p1, p2, rows, starts, bufs[0])
+        for h in range(2):
+            _half(k, h, mid, p0, p1, p2, rows, starts, bufs[h], stacks[h])
+        costs[k] = rows[k & 1, -1]
+
+
+@nb.njit(parallel=True, cache=True)
+def _layers_wide(p0, p1, p2, rows, starts, costs, bufs, stacks):
+    """`_layers` with the two halves of each layer on two threads."""
+    for k in range(1, starts.shape[0]):
+        mid = _pivot(k, p0, p1, p2, rows, starts, bufs[0])
+        for h in nb.prange(2):
+            _half(k, h, mid, p0, p1, p2, rows, starts, bufs[h], stacks[h])
+        costs[k] = rows[k & 1, -1]
+
+
+@nb.njit(cache=True, error_model="numpy")
 def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray, wide: bool):
     """Optimal k-means of weighted sorted values for every k <= kmax.
 
     Returns (costs[k-1] for k = 1..kmax, centroids[len(ks), max(ks)]) where row r holds the
     ascending centroids of the optimal ks[r]-partition, padded by repeating the last one when
-    there are fewer distinct values than clusters. `wide` runs the two halves of each layer on
-    two threads (inlined into `fit_segments`: inside its loop over many segments, numba runs
-    this nested prange serially). The split is the same either way, and so are the results.
+    there are fewer distinct values than clusters. `wide` runs the layers on two threads (never
+    inside another parallel loop).
     """
     n = xs.size
     kk = min(kmax, n)
@@ -230,23 +258,14 @@ def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray, wide: bool
     rows = np.empty((2, n))  # layers k-1 and k, alternately
     for j in range(n):
         rows[0, j] = _cost(p0, p1, p2, 0, j)
-    costs = np.zeros(kmax)
+    costs = np.zeros(kmax)  # from kk on: as many clusters as distinct values, exact
     costs[0] = rows[0, n - 1]
     bufs = np.empty((2, n))
     stacks = np.empty((2, 64, 4), dtype=np.int64)
-    for k in range(1, kk):
-        prev, cur = rows[(k - 1) & 1], rows[k & 1]
-        cur[:] = np.inf
-        mid = _pivot(k, p0, p1, p2, prev, cur, starts, bufs[0])
-        if wide:
-            for h in nb.prange(2):
-                _half(k, h, mid, p0, p1, p2, prev, cur, starts, bufs[h], stacks[h])
-        else:
-            for h in range(2):
-                _half(k, h, mid, p0, p1, p2, prev, cur, starts, bufs[h], stacks[h])
-        costs[k] = cur[n - 1]
-    for k in range(kk, kmax):
-        costs[k] = 0.0  # as many clusters as distinct values: exact
+    if wide:
+        _layers_wide(p0, p1, p2, rows, starts, costs, bufs, stacks)
+    else:
+        _layers(p0, p1, p2, rows, starts, costs, bufs, stacks)
     kmax_out = 0
     for r in range(ks.size):
         kmax_out = max(kmax_out, ks[r])
@@ -263,13 +282,14 @@ def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray, wide: bool
     return costs, centroids
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True)
 def _fit_one(s, keys, starts, ends, weights, ks, kmax, key_values, costs, centroids, wide_ok):
     """Histogram and DP of segment s into costs[s], centroids[s]."""
     a, b = starts[s], ends[s]
     w = weights[a:b] if weights.size else np.empty(0)
     xs, ws = _histogram(keys[a:b], w, key_values)
-    c, cen = _solve(xs, ws, kmax, ks, wide_ok and xs.size >= WIDE_MIN)
+    wide = wide_ok and xs.size >= WIDE_MIN and nb.get_num_threads() > 1
+    c, cen = _solve(xs, ws, kmax, ks, wide)
     costs[s] = c
     centroids[s, :, : cen.shape[1]] = cen
 
