@@ -288,13 +288,11 @@ def _fit_one(s, keys, starts, ends, weights, ks, kmax, key_values, costs, centro
     a, b = starts[s], ends[s]
     w = weights[a:b] if weights.size else np.empty(0)
     xs, ws = _histogram(keys[a:b], w, key_values)
-    wide = wide_ok and xs.size >= WIDE_MIN and nb.get_num_threads() > 1
-    c, cen = _solve(xs, ws, kmax, ks, wide)
+    c, cen = _solve(xs, ws, kmax, ks, wide_ok and xs.size >= WIDE_MIN)
     costs[s] = c
     centroids[s, :, : cen.shape[1]] = cen
 
 
-@nb.njit(parallel=True, cache=True)
 def fit_segments(
     keys: np.ndarray,
     starts: np.ndarray,
@@ -302,14 +300,20 @@ def fit_segments(
     weights: np.ndarray,
     ks: np.ndarray,
     key_values: np.ndarray,
-):
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact k-means of every segment keys[starts[s]:ends[s]] for each cluster count in ks.
 
     Segments are the groups of one or of many weights. Several segments are solved in parallel;
-    a lone one splits each DP layer over two threads instead, so both cores work either way.
-    `weights` is aligned with `keys`, or empty for plain counts. Returns (costs[s, k-1] for every
-    k <= max(ks), centroids[s, r, :ks[r]] ascending, float64 before rounding to fp16).
+    a lone one splits each DP layer over two threads instead (when numba has two), so both cores
+    work either way. `weights` is aligned with `keys`, or empty for plain counts. Returns
+    (costs[s, k-1] for every k <= max(ks), centroids[s, r, :ks[r]] ascending, float64 before
+    rounding to fp16).
     """
+    return _fit_segments(keys, starts, ends, weights, ks, key_values, nb.get_num_threads() > 1)
+
+
+@nb.njit(parallel=True, cache=True)
+def _fit_segments(keys, starts, ends, weights, ks, key_values, wide_ok):
     n_seg = starts.size
     kmax = 0
     for r in range(ks.size):
@@ -317,7 +321,7 @@ def fit_segments(
     costs = np.zeros((n_seg, kmax))
     centroids = np.zeros((n_seg, ks.size, kmax))
     if n_seg == 1:
-        _fit_one(0, keys, starts, ends, weights, ks, kmax, key_values, costs, centroids, True)
+        _fit_one(0, keys, starts, ends, weights, ks, kmax, key_values, costs, centroids, wide_ok)
     else:
         for s in nb.prange(n_seg):
             _fit_one(s, keys, starts, ends, weights, ks, kmax, key_values, costs, centroids, False)
