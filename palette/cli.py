@@ -415,7 +415,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     loaded = _model(args)
     sens = _sensitivity(args, loaded)
     recipe = allocate_bits(loaded.model, args.budget_gb, budget_bits=args.budget_bits, sensitivity=sens,
-                           importance=args.importance, seed=args.seed, progress=not args.quiet)
+                           importance=args.importance, seed=args.seed, progress=not args.quiet,
+                           **loaded.probe_kwargs(args.samples, sens.seed))
     out = Path(args.output)
     recipe.info["command"] = "palette " + shlex.join(args.argv)
     if args.measure:
