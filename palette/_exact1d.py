@@ -96,9 +96,6 @@ def _cost(p0, p1, p2, i, j):
 # divide and conquer (~log n per end) with Knuth sweeps for its short runs.
 KNUTH_RATIO = 4
 SWEEP_RUN = 16  # divide and conquer hands runs of fewer ends than this to a Knuth sweep
-# A lone segment with at least this many distinct values splits each DP layer over two threads;
-# below it the per-layer thread hand-off costs more than it saves.
-WIDE_MIN = 4096
 
 # error_model="numpy": IEEE division without Python's zero check, whose branch would keep LLVM
 # from vectorising the candidate loops (same results; a divisor here is never zero).
@@ -209,14 +206,9 @@ def _half(k, h, mid, p0, p1, p2, rows, starts, buf, stack):
         _layer_split(k, jlo, jhi, ilo, ihi, p0, p1, p2, prev, cur, starts, buf, stack)
 
 
-# The layer loop twice: one thread, and the two halves of each layer on two threads. numba's
-# workqueue layer cannot launch a parallel kernel from inside another, so the threaded loop is a
-# kernel of its own, for a lone segment; both compute the same halves, hence the same bits.
-
-
 @nb.njit(cache=True, error_model="numpy")
 def _layers(p0, p1, p2, rows, starts, costs, bufs, stacks):
-    """Layers 1 .. starts.shape[0] - 1 of the DP, one thread."""
+    """Layers 1 .. starts.shape[0] - 1 of the DP."""
     for k in range(1, starts.shape[0]):
         mid = _pivot(k, p0, p1, p2, rows, starts, bufs[0])
         for h in range(2):
@@ -224,24 +216,13 @@ def _layers(p0, p1, p2, rows, starts, costs, bufs, stacks):
         costs[k] = rows[k & 1, -1]
 
 
-@nb.njit(parallel=True, cache=True)
-def _layers_wide(p0, p1, p2, rows, starts, costs, bufs, stacks):
-    """`_layers` with the two halves of each layer on two threads."""
-    for k in range(1, starts.shape[0]):
-        mid = _pivot(k, p0, p1, p2, rows, starts, bufs[0])
-        for h in nb.prange(2):
-            _half(k, h, mid, p0, p1, p2, rows, starts, bufs[h], stacks[h])
-        costs[k] = rows[k & 1, -1]
-
-
 @nb.njit(cache=True, error_model="numpy")
-def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray, wide: bool):
+def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray):
     """Optimal k-means of weighted sorted values for every k <= kmax.
 
     Returns (costs[k-1] for k = 1..kmax, centroids[len(ks), max(ks)]) where row r holds the
     ascending centroids of the optimal ks[r]-partition, padded by repeating the last one when
-    there are fewer distinct values than clusters. `wide` runs the layers on two threads (never
-    inside another parallel loop).
+    there are fewer distinct values than clusters.
     """
     n = xs.size
     kk = min(kmax, n)
@@ -262,10 +243,7 @@ def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray, wide: bool
     costs[0] = rows[0, n - 1]
     bufs = np.empty((2, n))
     stacks = np.empty((2, 64, 4), dtype=np.int64)
-    if wide:
-        _layers_wide(p0, p1, p2, rows, starts, costs, bufs, stacks)
-    else:
-        _layers(p0, p1, p2, rows, starts, costs, bufs, stacks)
+    _layers(p0, p1, p2, rows, starts, costs, bufs, stacks)
     kmax_out = 0
     for r in range(ks.size):
         kmax_out = max(kmax_out, ks[r])
@@ -282,17 +260,7 @@ def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray, wide: bool
     return costs, centroids
 
 
-@nb.njit(cache=True)
-def _fit_one(s, keys, starts, ends, weights, ks, kmax, key_values, costs, centroids, wide_ok):
-    """Histogram and DP of segment s into costs[s], centroids[s]."""
-    a, b = starts[s], ends[s]
-    w = weights[a:b] if weights.size else np.empty(0)
-    xs, ws = _histogram(keys[a:b], w, key_values)
-    c, cen = _solve(xs, ws, kmax, ks, wide_ok and xs.size >= WIDE_MIN)
-    costs[s] = c
-    centroids[s, :, : cen.shape[1]] = cen
-
-
+@nb.njit(parallel=True, cache=True)
 def fit_segments(
     keys: np.ndarray,
     starts: np.ndarray,
@@ -300,31 +268,27 @@ def fit_segments(
     weights: np.ndarray,
     ks: np.ndarray,
     key_values: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
+):
     """Exact k-means of every segment keys[starts[s]:ends[s]] for each cluster count in ks.
 
-    Segments are the groups of one or of many weights. Several segments are solved in parallel;
-    a lone one splits each DP layer over two threads instead (when numba has two), so both cores
-    work either way. `weights` is aligned with `keys`, or empty for plain counts. Returns
-    (costs[s, k-1] for every k <= max(ks), centroids[s, r, :ks[r]] ascending, float64 before
-    rounding to fp16).
+    Segments are the groups of one or of many weights, so that one call keeps both cores busy
+    whether a layer has one group or hundreds. `weights` is aligned with `keys`, or empty for
+    plain counts. Returns (costs[s, k-1] for every k <= max(ks), centroids[s, r, :ks[r]]
+    ascending, float64 before rounding to fp16).
     """
-    return _fit_segments(keys, starts, ends, weights, ks, key_values, nb.get_num_threads() > 1)
-
-
-@nb.njit(parallel=True, cache=True)
-def _fit_segments(keys, starts, ends, weights, ks, key_values, wide_ok):
     n_seg = starts.size
     kmax = 0
     for r in range(ks.size):
         kmax = max(kmax, ks[r])
     costs = np.zeros((n_seg, kmax))
     centroids = np.zeros((n_seg, ks.size, kmax))
-    if n_seg == 1:
-        _fit_one(0, keys, starts, ends, weights, ks, kmax, key_values, costs, centroids, wide_ok)
-    else:
-        for s in nb.prange(n_seg):
-            _fit_one(s, keys, starts, ends, weights, ks, kmax, key_values, costs, centroids, False)
+    for s in nb.prange(n_seg):
+        a, b = starts[s], ends[s]
+        w = weights[a:b] if weights.size else np.empty(0)
+        xs, ws = _histogram(keys[a:b], w, key_values)
+        c, cen = _solve(xs, ws, kmax, ks)
+        costs[s] = c
+        centroids[s, :, : cen.shape[1]] = cen
     return costs, centroids
 
 

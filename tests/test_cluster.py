@@ -243,13 +243,11 @@ def test_spec_round_trip_and_defaults() -> None:
         PaletteSpec.from_dict({"nbits": 4, "bits": 3})
 
 
-def test_lone_segment_split_over_threads_equals_serial_solve() -> None:
-    """A lone large segment splits each DP layer over two threads; inside a many-segment call the
-    same segment is solved serially. Both must give the same bits."""
+def test_a_segment_alone_or_among_others_gives_the_same_bits() -> None:
+    """A segment's result does not depend on the segments (and threads) it shares a call with."""
     from palette import _exact1d
 
     keys = _exact1d.fp16_keys(heavy_tailed((64, 1024), seed=11).numpy().reshape(-1).view(np.uint16))
-    assert np.unique(keys).size >= _exact1d.WIDE_MIN  # the split path is taken
     ks = np.array([2, 16, 256])
     fit = lambda starts: _exact1d.fit_segments(  # noqa: E731
         keys, np.array(starts), np.array([keys.size] * len(starts)), np.empty(0), ks, _exact1d.KEY_VALUES
