@@ -316,6 +316,10 @@ class _ValueIndex:
         hist = torch.stack([torch.bincount(idx, weights=gs[s], minlength=self.n) for s in range(gs.shape[0])])
         return hist, (gs @ (w.to(torch.float16).float() - w.float())).double()
 
+    def positions(self, w: torch.Tensor) -> torch.Tensor:
+        """(n,) the first flat position of every pair in the (unchanged) weight `w`."""
+        return _rep_positions(self.slots(w), self.n)
+
     def change(self, new: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """q_p - u_p (n,) float64 for a new weight that is a function of the pair; else ValueError."""
         idx = self.slots(w)
@@ -361,6 +365,14 @@ def _fold_probes(z: torch.Tensor, sample: torch.Tensor, n_probes: int, n_samples
     return (out / n_probes).numpy()
 
 
+def _values_at(p: Palette, pos: torch.Tensor) -> torch.Tensor:
+    """The dequantized values of an unscaled scalar palette at flat positions `pos` (without
+    dequantizing the whole weight)."""
+    row = pos // p.indices[0].numel()
+    group = row // (p.indices.shape[0] // p.lut.shape[0])
+    return p.lut[group, p.indices.reshape(-1)[pos].long(), 0]
+
+
 class _Streamed:
     """A layer's candidate palettes, kept compact for the passes: each backward pass folds the
     per-sample gradients into <g, dW> for every candidate at once (no gradient is stored).
@@ -380,7 +392,8 @@ class _Streamed:
                 self.other.append((i, p))
         for rows, cols in by_rows.items():
             index = _ValueIndex(w, rows)
-            change = torch.stack([index.change(palettes[i].dequantize(), w) for i in cols], 1)
+            pos = index.positions(w)
+            change = torch.stack([_values_at(palettes[i], pos).double() - index.u for i in cols], 1)
             self.scalar.append((index, cols, change))
 
     def __call__(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor]:
