@@ -309,12 +309,10 @@ class _ValueIndex:
         """(numel,) int64 slot of every element of the (unchanged) weight `w`."""
         return self.table[_fp16_keys(w)] if self.slot is None else self.slot.long()
 
-    def fold(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample gradients `gs` (b, numel) -> per-pair sums (b, n), residual <g, fp16(W) - W> (b,)."""
-        w = w.detach().reshape(-1)
-        idx = self.slots(w)
-        hist = torch.stack([torch.bincount(idx, weights=gs[s], minlength=self.n) for s in range(gs.shape[0])])
-        return hist, (gs @ (w.to(torch.float16).float() - w.float())).double()
+    def fold(self, w: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+        """Per-sample gradients `gs` (b, numel) -> their per-pair sums (b, n)."""
+        idx = self.slots(w.detach().reshape(-1))
+        return torch.stack([torch.bincount(idx, weights=gs[s], minlength=self.n) for s in range(gs.shape[0])])
 
     def positions(self, w: torch.Tensor) -> torch.Tensor:
         """(n,) the first flat position of every pair in the (unchanged) weight `w`."""
@@ -355,6 +353,13 @@ class _Scorer:
             return _fold_probes(sk.data @ (w_new.float() - self.weight.float()), sk.sample, self.n_probes, self.n_samples)
         z = self.data @ sk.values.change(w_new, self.weight) + sk.resid
         return _fold_probes(z, sk.sample, self.n_probes, self.n_samples)
+
+
+def _fp16_residual(w: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """(b,) <g_s, fp16(W) - W>: the part of every scalar palette's weight change that comes from
+    rounding the weight to fp16 before clustering (zero for fp16 weights)."""
+    w = w.detach().reshape(-1)
+    return (gs @ (w.to(torch.float16).float() - w.float())).double()
 
 
 def _fold_probes(z: torch.Tensor, sample: torch.Tensor, n_probes: int, n_samples: int) -> np.ndarray:
@@ -399,9 +404,9 @@ class _Streamed:
     def __call__(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor]:
         """(b, candidates) float64: <g_s, dW> for every sample and candidate."""
         out = torch.empty(gs.shape[0], self.n, dtype=torch.float64)
+        resid = _fp16_residual(w, gs)[:, None] if self.scalar else None
         for index, cols, change in self.scalar:
-            hist, resid = index.fold(w, gs)
-            out[:, cols] = hist.double() @ change + resid[:, None]
+            out[:, cols] = index.fold(w, gs).double() @ change + resid
         wf = w.detach().reshape(-1).float()
         for i, p in self.other:
             out[:, i] = (gs @ (p.dequantize().reshape(-1).float() - wf)).double()
@@ -481,7 +486,6 @@ class _Recorder:
     the gradients themselves)."""
 
     def __init__(self, modules: dict[str, nn.Module], folds: dict[str, Any], importance: bool) -> None:
-        self.modules = modules
         self.folds = folds
         self.blocks: dict[str, dict[tuple[int, int], tuple]] = {n: {} for n in modules}
         self.importance = {n: torch.zeros(m.weight.numel()) for n, m in modules.items()} if importance else None
@@ -541,7 +545,7 @@ class _SketchFold:
         self.index, self.numel = index, numel
 
     def __call__(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.index.fold(w, gs) if self.index is not None else (gs,)
+        return (self.index.fold(w, gs), _fp16_residual(w, gs)) if self.index is not None else (gs,)
 
     def zeros(self, b: int) -> tuple[torch.Tensor, ...]:
         if self.index is None:
