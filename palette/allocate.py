@@ -234,25 +234,24 @@ PROBE_SET_KWARGS = ("n_samples", "batch_size", "text_encoder", "tokenizer", "sch
 
 def _calibrate(model: nn.Module, recipe: Recipe, sensitivity: Any, inputs: Any, probe_kwargs: dict) -> None:
     """Measure the recipe on the probe set the sensitivity came from; record it as predicted."""
-    from .measure import measure
+    from .measure import measure_on
     from .probe_inputs import make_probe_set
 
     recipe.info["additive_psnr"] = recipe.predicted_psnr
     kw = {k: probe_kwargs[k] for k in PROBE_SET_KWARGS if k in probe_kwargs}
     try:
-        description = make_probe_set(model, inputs, seed=sensitivity.seed, **kw).description
+        probe = make_probe_set(model, inputs, seed=sensitivity.seed, **kw)
     except ValueError as e:
         recipe.info["calibration"] = f"not calibrated: no probe inputs ({e})"
         return
-    if description != sensitivity.inputs_description:
+    if probe.description != sensitivity.inputs_description:
         recipe.info["calibration"] = (
             f"not calibrated: the sensitivity was probed on {sensitivity.inputs_description!r}, "
-            f"these inputs are {description!r}; pass the probe inputs to calibrate"
+            f"these inputs are {probe.description!r}; pass the probe inputs to calibrate"
         )
         return
-    m = measure(model, recipe.palettes(model), inputs, seed=sensitivity.seed, **kw)
-    recipe.predicted_psnr = m.psnr
-    recipe.info["calibration"] = f"measured on the probe set ({description}), 2 forward passes"
+    recipe.predicted_psnr = measure_on(model, recipe.palettes(model), probe, seed=sensitivity.seed).psnr
+    recipe.info["calibration"] = f"measured on the probe set ({probe.description}), 2 forward passes"
 
 
 def predict_psnr(sensitivity: Any, choice: Mapping[str, Option]) -> float:

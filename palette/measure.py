@@ -13,7 +13,7 @@ from torch import nn
 from .cluster import Palette
 from .metrics import psnr_from_mse
 from .palettize import apply_palettes, keep_original, palettize
-from .probe_inputs import make_probe_set
+from .probe_inputs import ProbeSet, make_probe_set
 from .spec import PaletteSpec
 
 
@@ -39,7 +39,17 @@ def measure(
 ) -> Measurement:
     """Palettize `mapping` (specs, or fitted palettes), run the probe inputs, compare with the
     original outputs, and restore the palettized layers, whatever happens."""
-    probe = make_probe_set(model, inputs, seed=seed, n_samples=n_samples, **probe_kwargs)
+    return measure_on(model, mapping, make_probe_set(model, inputs, seed=seed, n_samples=n_samples, **probe_kwargs), seed)
+
+
+@torch.no_grad()
+def measure_on(
+    model: nn.Module,
+    mapping: Mapping[str, PaletteSpec | None] | Mapping[str, Palette],
+    probe: ProbeSet,
+    seed: int = 0,
+) -> Measurement:
+    """`measure` on a probe set already built (`seed` seeds the clustering of specs)."""
     refs = [unit(model).detach().clone() for unit in probe.units]
     names = [n for n, s in mapping.items() if s is not None]
     with keep_original(model, names):
