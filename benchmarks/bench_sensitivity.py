@@ -19,15 +19,13 @@ import argparse
 import resource
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
-from palette.cluster import fit_palettes_batch
-from palette.metrics import psnr_per_sample, spearman
-from palette.palettize import apply_palettes, keep_original, target_layers
+from palette.measure import measure
+from palette.metrics import spearman
+from palette.palettize import target_layers
 from palette.probe import Sensitivity, probe_sensitivity
-from palette.probe_inputs import make_probe_set
 from palette.spec import PaletteSpec
 
 
@@ -45,18 +43,9 @@ def tiny_unet() -> nn.Module:
     ).eval()
 
 
-@torch.no_grad()
 def measured_psnr(model: nn.Module, probe_kw: dict, mapping: dict[str, PaletteSpec]) -> float:
     """Apple PSNR of the model palettized with `mapping` against the unmodified model, same probes."""
-    units = make_probe_set(model, **probe_kw).units
-    refs = [u(model) for u in units]
-    names = list(mapping)
-    with keep_original(model, names):
-        mods = dict(model.named_modules())
-        pals = fit_palettes_batch([(mods[n].weight, [mapping[n]], None) for n in names], names=names)
-        apply_palettes(model, {n: p[0] for n, p in zip(names, pals)})
-        outs = [u(model) for u in units]
-    return float(np.concatenate([psnr_per_sample(o, r) for o, r in zip(outs, refs)]).mean())
+    return measure(model, mapping, **probe_kw).psnr
 
 
 def mixed_mapping(sens: Sensitivity) -> dict[str, PaletteSpec]:
