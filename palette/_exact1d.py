@@ -3,9 +3,15 @@
 fp16 has at most 63,488 distinct finite values, so a tensor of any size reduces in one O(n) pass
 to a weighted histogram over them. The optimal partition of the sorted distinct values into k
 contiguous clusters is then a dynamic program, D[k][j] = min_i D[k-1][i-1] + cost(i, j), whose
-argmin is monotone in j and in k (the cost is Monge), so each layer is solved by divide and
-conquer within the bounds the previous layer gives. One pass up to K clusters yields the optimal
-cost, and the partition, of every cluster count up to K: all bit-widths of a tensor come together.
+argmin is monotone in j and in k (the cost is Monge). Two exact solvers share it:
+
+- layered: each layer by divide and conquer within the bounds the previous layer gives. One
+  pass up to K yields the optimal cost, and partition, of every cluster count up to K
+  (`every_cost`; the small LUTs of `fit_segments`). Its work grows with K.
+- Lagrangian (Aggarwal, Schieber and Tokuyama): D is convex in k, so for each k there is a price
+  per cluster at which the unconstrained optimum of cost + price * clusters has exactly k
+  clusters, and is then the optimal k-partition. Each price is one O(n log n) pass whatever k
+  is; a few passes find the price. 256 clusters cost what 8 do.
 
 Values are handled as *keys*: the fp16 bit pattern mapped so that integer order is value order.
 """
@@ -216,17 +222,11 @@ def _layers(p0, p1, p2, rows, starts, costs, bufs, stacks):
         costs[k] = rows[k & 1, -1]
 
 
-@nb.njit(cache=True, error_model="numpy")
-def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray):
-    """Optimal k-means of weighted sorted values for every k <= kmax.
-
-    Returns (costs[k-1] for k = 1..kmax, centroids[len(ks), max(ks)]) where row r holds the
-    ascending centroids of the optimal ks[r]-partition, padded by repeating the last one when
-    there are fewer distinct values than clusters.
-    """
+@nb.njit(cache=True)
+def _prefix_sums(xs: np.ndarray, ws: np.ndarray):
+    """Prefix sums of weight, weight * x and weight * x^2 (x centred: well conditioned)."""
     n = xs.size
-    kk = min(kmax, n)
-    shift = np.sum(xs * ws) / np.sum(ws)  # centring keeps the prefix sums well conditioned
+    shift = np.sum(xs * ws) / np.sum(ws)
     p0 = np.zeros(n + 1)
     p1 = np.zeros(n + 1)
     p2 = np.zeros(n + 1)
@@ -235,26 +235,172 @@ def _solve(xs: np.ndarray, ws: np.ndarray, kmax: int, ks: np.ndarray):
         p0[t + 1] = p0[t] + ws[t]
         p1[t + 1] = p1[t] + ws[t] * x
         p2[t + 1] = p2[t] + ws[t] * x * x
-    starts = np.zeros((kk, n), dtype=np.int32)  # start of the last cluster, per layer and end
+    return p0, p1, p2, shift
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _layered(p0, p1, p2, kk: int):
+    """Layers 1..kk of the DP: (costs[k-1] for k = 1..kk, starts[k-1][j] = start of the last of
+    k clusters of values 0..j)."""
+    n = p0.size - 1
+    starts = np.zeros((kk, n), dtype=np.int32)
     rows = np.empty((2, n))  # layers k-1 and k, alternately
     for j in range(n):
         rows[0, j] = _cost(p0, p1, p2, 0, j)
-    costs = np.zeros(kmax)  # from kk on: as many clusters as distinct values, exact
+    costs = np.zeros(kk)
     costs[0] = rows[0, n - 1]
     bufs = np.empty((2, n))
     stacks = np.empty((2, 64, 4), dtype=np.int64)
     _layers(p0, p1, p2, rows, starts, costs, bufs, stacks)
-    kmax_out = 0
+    return costs, starts
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _ending(G, p0, p1, p2, i, e):
+    """G[i] plus the cost of one cluster of values i..e-1."""
+    a0 = p0[e] - p0[i]
+    a1 = p1[e] - p1[i]
+    return G[i] + (p2[e] - p2[i]) - a1 * a1 / a0
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _penalized(p0, p1, p2, lam, G, arg, count, cand, first) -> int:
+    """min over partitions of cost + lam * clusters, for every prefix (G[e]: values 0..e-1);
+    arg[e] is the start of the prefix's last cluster. Returns the whole range's cluster count.
+
+    The cost is Monge, so once a later start beats an earlier one at some end it does at every
+    later end: a deque of candidate starts, each owning the ends from first[t] on, with one
+    binary search per start that takes over (Galil and Park). O(n log n), independent of k."""
+    n = p0.size - 1
+    G[0] = 0.0
+    count[0] = 0
+    head, tail = 0, 1
+    cand[0], first[0] = 0, 1
+    for e in range(1, n + 1):
+        while tail - head > 1 and first[head + 1] <= e:
+            head += 1
+        i = cand[head]
+        G[e] = _ending(G, p0, p1, p2, i, e) + lam
+        arg[e] = i
+        count[e] = count[i] + 1
+        if e == n:
+            break
+        c = e  # a cluster starting at value e: a candidate for ends e + 1 on
+        while tail > head:  # drop candidates that c beats from their first end on
+            b = cand[tail - 1]
+            f = max(first[tail - 1], e + 1)
+            if _ending(G, p0, p1, p2, c, f) < _ending(G, p0, p1, p2, b, f):
+                tail -= 1
+            else:
+                break
+        if tail == head:
+            cand[tail], first[tail] = c, e + 1
+            tail += 1
+            continue
+        b = cand[tail - 1]
+        lo = max(first[tail - 1], e + 1)  # c does not beat b here
+        if not _ending(G, p0, p1, p2, c, n) < _ending(G, p0, p1, p2, b, n):
+            continue
+        hi = n  # c beats b here
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if _ending(G, p0, p1, p2, c, mid) < _ending(G, p0, p1, p2, b, mid):
+                hi = mid
+            else:
+                lo = mid
+        cand[tail], first[tail] = c, hi
+        tail += 1
+    return count[n]
+
+
+LAGRANGE_FROM = 8  # cluster counts from here on come from the penalised DP (fewer steps)
+LAGRANGE_ITERATIONS = 40
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _lagrange(p0, p1, p2, k: int, lam: float, G, arg, count, cand, first) -> float:
+    """Optimal k-partition by Lagrangian relaxation: search the price per cluster `lam` at which
+    the penalised optimum has exactly k clusters; that partition is then optimal among all
+    k-partitions (its cost plus lam * k is minimal among all partitions). `lam` is the first
+    guess. The optimal cost is convex in k, so the count falls as the price rises; the search
+    interpolates log(count) against log(price). Returns the price, or -1 when no price gives
+    exactly k (cost linear across k: the caller falls back to the layered DP)."""
+    lo, c_lo = 0.0, 0  # a price with more than k clusters (0: none yet)
+    hi, c_hi = np.inf, 0  # a price with fewer
+    side = 0
+    for _ in range(LAGRANGE_ITERATIONS):
+        c = _penalized(p0, p1, p2, lam, G, arg, count, cand, first)
+        if c == k:
+            return lam
+        if c > k:
+            lo, c_lo = lam, c
+        else:
+            hi, c_hi = lam, c
+        if lo > 0.0 and hi < np.inf:
+            if hi <= lo * (1.0 + 1e-12):
+                return -1.0
+            t = (np.log(k) - np.log(c_lo)) / (np.log(c_hi) - np.log(c_lo))
+            if (c > k) == (side > 0):  # same side twice: pull toward the middle
+                t = 0.5 * (t + 0.5)
+            side = 1 if c > k else -1
+            lam = np.exp(np.log(lo) + t * (np.log(hi) - np.log(lo)))
+        else:  # cost ~ 1 / k^2, so the price ~ 1 / k^3
+            lam = lam * (c / k) ** 3 if c > 1 else lam / 8.0
+    return -1.0
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _solve(xs: np.ndarray, ws: np.ndarray, ks: np.ndarray):
+    """Optimal k-means of weighted sorted values for each k in ks (ascending).
+
+    Returns (costs[r], centroids[r, :ks[r]]): ascending centroids of the optimal ks[r]-partition,
+    padded by repeating the last one when there are fewer distinct values than clusters. Small k
+    come from the layered DP (every k up to the largest below LAGRANGE_FROM in one pass), larger
+    k each from a Lagrangian search, whose every step costs the same whatever k is.
+    """
+    n = xs.size
+    p0, p1, p2, shift = _prefix_sums(xs, ws)
+    costs = np.zeros(ks.size)
+    centroids = np.empty((ks.size, ks[-1]))
+    layered_k = 1
     for r in range(ks.size):
-        kmax_out = max(kmax_out, ks[r])
-    centroids = np.empty((ks.size, kmax_out))
+        if ks[r] < LAGRANGE_FROM or ks[r] >= n:
+            layered_k = max(layered_k, min(ks[r], n))
+    G = np.empty(n + 1)
+    arg, count, cand, first = np.empty((4, n + 1), dtype=np.int64)
+    prices = np.zeros(ks.size)
+    for r in range(ks.size):
+        k = min(ks[r], n)
+        if k <= layered_k:
+            continue
+        if r > 0 and prices[r - 1] > 0:
+            lam = prices[r - 1] * (ks[r - 1] / k) ** 3
+        else:
+            lam = 2.0 * _cost(p0, p1, p2, 0, n - 1) / k**3
+        prices[r] = _lagrange(p0, p1, p2, k, lam, G, arg, count, cand, first)
+        if prices[r] < 0:
+            layered_k = max(layered_k, k)
+            continue
+        e, t, total = n, k - 1, 0.0
+        while e > 0:
+            i = arg[e]
+            total += _cost(p0, p1, p2, i, e - 1)
+            centroids[r, t] = (p1[e] - p1[i]) / (p0[e] - p0[i]) + shift
+            e, t = i, t - 1
+        costs[r] = total
+    layer_costs, starts = _layered(p0, p1, p2, layered_k)
     for r in range(ks.size):
         m = min(ks[r], n)
+        if m > layered_k:
+            continue
+        costs[r] = layer_costs[m - 1]
         j = n - 1
         for layer in range(m - 1, -1, -1):
             i = starts[layer, j] if layer > 0 else 0
             centroids[r, layer] = (p1[j + 1] - p1[i]) / (p0[j + 1] - p0[i]) + shift
             j = i - 1
+    for r in range(ks.size):
+        m = min(ks[r], n)
         for t in range(m, ks[r]):
             centroids[r, t] = centroids[r, m - 1]
     return costs, centroids
@@ -273,23 +419,30 @@ def fit_segments(
 
     Segments are the groups of one or of many weights, so that one call keeps both cores busy
     whether a layer has one group or hundreds. `weights` is aligned with `keys`, or empty for
-    plain counts. Returns (costs[s, k-1] for every k <= max(ks), centroids[s, r, :ks[r]]
-    ascending, float64 before rounding to fp16).
+    plain counts; ks ascending. Returns (costs[s, r], centroids[s, r, :ks[r]] ascending, float64
+    before rounding to fp16) for the cluster counts ks[r].
     """
     n_seg = starts.size
-    kmax = 0
-    for r in range(ks.size):
-        kmax = max(kmax, ks[r])
-    costs = np.zeros((n_seg, kmax))
-    centroids = np.zeros((n_seg, ks.size, kmax))
+    costs = np.zeros((n_seg, ks.size))
+    centroids = np.zeros((n_seg, ks.size, ks[-1]))
     for s in nb.prange(n_seg):
         a, b = starts[s], ends[s]
         w = weights[a:b] if weights.size else np.empty(0)
         xs, ws = _histogram(keys[a:b], w, key_values)
-        c, cen = _solve(xs, ws, kmax, ks)
-        costs[s] = c
-        centroids[s, :, : cen.shape[1]] = cen
+        costs[s], centroids[s] = _solve(xs, ws, ks)
     return costs, centroids
+
+
+@nb.njit(cache=True)
+def every_cost(keys: np.ndarray, weights: np.ndarray, kmax: int, key_values: np.ndarray) -> np.ndarray:
+    """Optimal cost of every cluster count 1..kmax (exact from the number of distinct values on)
+    of one segment, from one pass of the layered DP."""
+    xs, ws = _histogram(keys, weights, key_values)
+    p0, p1, p2, _ = _prefix_sums(xs, ws)
+    costs = np.zeros(kmax)
+    layer_costs, _ = _layered(p0, p1, p2, min(kmax, xs.size))
+    costs[: layer_costs.size] = layer_costs
+    return costs
 
 
 ASSIGN_CHUNK = 1 << 20  # elements per parallel task: a lone large segment still uses every core

@@ -124,8 +124,8 @@ class _Layout:
 
 
 def _fit_scalar(layouts: list[_Layout], specs: list[list[PaletteSpec]]) -> dict:
-    """(lut, indices) per (item, spec index) for scalar layouts: one exact DP per group up to the
-    largest LUT any of them asks for, every group of every layout in one parallel call."""
+    """(lut, indices) per (item, spec index) for scalar layouts: the exact k-means of every group
+    for every LUT size any of them asks for, every group of every layout in one parallel call."""
     keys = _exact1d.fp16_keys(np.concatenate([lo.rows.reshape(-1) for lo in layouts]).view(np.uint16))
     weighted = any(lo.importance is not None for lo in layouts)
     weights = np.empty(0)
@@ -221,8 +221,8 @@ def fit_palettes_batch(
 ) -> list[list[Palette]]:
     """Palettes for several (weight, specs, importance) items at once.
 
-    Every scalar spec of every item comes from one exact DP pass per group, all groups of all
-    items solved in one parallel call: the fast path for whole models. Every item is checked
+    Every scalar spec of every item is fitted from one histogram per group, all groups of all
+    items solved in parallel calls: the fast path for whole models. Every item is checked
     before anything is fitted.
     """
     names = list(names) if names is not None else [f"weight[{i}]" for i in range(len(items))]
@@ -233,11 +233,12 @@ def fit_palettes_batch(
         for lo in _layouts(i, w, specs[i], imp, names[i])
     ]
     fitted = {}
-    by_kmax: dict[int, list[_Layout]] = defaultdict(list)  # no group pays for a larger DP
+    # layouts grouped by the LUT sizes they ask for: no group is fitted for sizes it did not ask
+    by_sizes: dict[tuple[int, ...], list[_Layout]] = defaultdict(list)
     for lo in layouts:
         if specs[lo.item][lo.members[0]].cluster_dim == 1:
-            by_kmax[max(specs[lo.item][i].n_entries for i in lo.members)].append(lo)
-    for scalar in by_kmax.values():
+            by_sizes[tuple(sorted({specs[lo.item][i].n_entries for i in lo.members}))].append(lo)
+    for scalar in by_sizes.values():
         fitted.update(_fit_scalar(scalar, specs))
     for lo in layouts:
         if specs[lo.item][lo.members[0]].cluster_dim > 1:
@@ -267,7 +268,7 @@ def fit_palettes(
     name: str = "weight",
 ) -> list[Palette]:
     """Palettes of one weight for several specs, sharing work: scalar specs with the same layout
-    come from one exact DP pass up to their largest LUT."""
+    share one histogram and one layered DP pass (LUTs under 8 entries)."""
     return fit_palettes_batch([(weight, specs, importance)], seed=seed, names=[name])[0]
 
 
@@ -318,7 +319,4 @@ def optimal_costs(
         if imp.shape != tuple(weight.shape) or not np.isfinite(imp).all() or (imp <= 0).any():
             raise ValueError("importance must be finite, > 0 and shaped like the weight")
         weights = imp.reshape(-1)
-    bounds = np.array([0]), np.array([keys.size])
-    ks = np.array([max_clusters], dtype=np.int64)
-    costs, _ = _exact1d.fit_segments(keys, *bounds, weights, ks, _exact1d.KEY_VALUES)
-    return costs[0]
+    return _exact1d.every_cost(keys, weights, max_clusters, _exact1d.KEY_VALUES)

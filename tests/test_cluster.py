@@ -309,3 +309,33 @@ def test_dp_equals_plain_dp_on_hundreds_of_values(case: str) -> None:
     weights = np.ones(values.size) if importance is None else importance
     ref = reference_dp_costs(values.astype(np.float64), weights, 40)
     np.testing.assert_allclose(costs, ref, rtol=1e-9, atol=1e-12 * ref[0])
+
+
+@pytest.mark.parametrize("case", ["heavy_tailed", "few_values", "weighted", "even_grid"])
+def test_lagrangian_partitions_equal_the_layered_dp(case: str) -> None:
+    """Cluster counts from LAGRANGE_FROM on come from the penalised DP: the cost of the partition
+    it returns equals the layered DP's optimum for every k, including an evenly spaced grid whose
+    optimal cost is linear in k (no price gives those counts: the layered DP takes over)."""
+    from palette import _exact1d
+
+    rng = np.random.default_rng(8)
+    if case == "few_values":
+        values = rng.choice(rng.standard_normal(90), size=5000, p=rng.dirichlet(np.full(90, 0.3)))
+    elif case == "even_grid":
+        values = np.arange(24.0)
+    else:
+        values = rng.standard_t(4, size=3000) * 0.05
+    values = values.astype(np.float16)
+    weights = rng.exponential(size=values.size) if case == "weighted" else np.empty(0)
+    ks = np.arange(_exact1d.LAGRANGE_FROM, 23)
+    keys = _exact1d.fp16_keys(values.view(np.uint16))
+    bounds = np.array([0]), np.array([keys.size])
+    costs, centroids = _exact1d.fit_segments(keys, *bounds, weights, ks, _exact1d.KEY_VALUES)
+    ref = _exact1d.every_cost(keys, weights, int(ks[-1]), _exact1d.KEY_VALUES)
+    np.testing.assert_allclose(costs[0], ref[ks - 1], rtol=1e-9, atol=1e-12 * ref[0])
+    w = np.ones(values.size) if case != "weighted" else weights
+    x = values.astype(np.float64)
+    for r, k in enumerate(ks):  # the centroids are the partition's: their error is the optimum
+        lut = centroids[0, r, :k]
+        err = np.min((x[:, None] - lut[None]) ** 2, axis=1) @ w
+        assert err <= ref[k - 1] * (1 + 1e-9) + 1e-12 * ref[0]
