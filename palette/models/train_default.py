@@ -51,7 +51,7 @@ class TrainConfig:
     max_eps_weight: float = 20.0
     caption_dropout: float = 0.1  # empty-prompt rate, for classifier-free guidance
     checker_steps: int = 400
-    threads: int = 1  # 2 OpenMP threads stall badly when the 2 cores are shared
+    threads: int = 2  # the weights depend on the thread count (reductions split per thread)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
