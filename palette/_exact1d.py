@@ -214,8 +214,17 @@ def _half(k, h, mid, p0, p1, p2, rows, starts, buf, stack):
 
 @nb.njit(cache=True, error_model="numpy")
 def _layers(p0, p1, p2, rows, starts, costs, bufs, stacks):
-    """Layers 1 .. starts.shape[0] - 1 of the DP."""
-    for k in range(1, starts.shape[0]):
+    """Layers 1 .. starts.shape[0] - 1 of the DP; of the last, only the end of the range (the
+    only end any later step reads)."""
+    last = starts.shape[0] - 1
+    n = rows.shape[1]
+    for k in range(1, last + 1):
+        if k == last:
+            best, arg = _best_start(n - 1, max(k, starts[k - 1, n - 1]), n - 1, p0, p1, p2,
+                                    rows[(k - 1) & 1], bufs[0])
+            costs[k] = best
+            starts[k, n - 1] = arg
+            break
         mid = _pivot(k, p0, p1, p2, rows, starts, bufs[0])
         for h in range(2):
             _half(k, h, mid, p0, p1, p2, rows, starts, bufs[h], stacks[h])
@@ -263,6 +272,19 @@ def _ending(G, p0, p1, p2, i, e):
     return G[i] + (p2[e] - p2[i]) - a1 * a1 / a0
 
 
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _beats(p0, p1, c, b, offset, e) -> bool:
+    """Whether a last cluster starting at c is better than one starting at b < c for the end e,
+    given offset = G[c] - G[b] + p2[b] - p2[c]: h(c, e) - h(b, e) = offset + A(b) - A(c) with
+    A(i) = (p1[e] - p1[i])^2 / (p0[e] - p0[i]), compared multiplied out (no division on the
+    binary search's critical path)."""
+    a0b = p0[e] - p0[b]
+    a0c = p0[e] - p0[c]
+    a1b = p1[e] - p1[b]
+    a1c = p1[e] - p1[c]
+    return offset * a0b * a0c + a1b * a1b * a0c - a1c * a1c * a0b < 0.0
+
+
 @nb.njit(cache=True, error_model="numpy")
 def _penalized(p0, p1, p2, lam, G, arg, count, cand, first) -> int:
     """min over partitions of cost + lam * clusters, for every prefix (G[e]: values 0..e-1);
@@ -276,6 +298,7 @@ def _penalized(p0, p1, p2, lam, G, arg, count, cand, first) -> int:
     count[0] = 0
     head, tail = 0, 1
     cand[0], first[0] = 0, 1
+    span = n
     for e in range(1, n + 1):
         while tail - head > 1 and first[head + 1] <= e:
             head += 1
@@ -288,8 +311,7 @@ def _penalized(p0, p1, p2, lam, G, arg, count, cand, first) -> int:
         c = e  # a cluster starting at value e: a candidate for ends e + 1 on
         while tail > head:  # drop candidates that c beats from their first end on
             b = cand[tail - 1]
-            f = max(first[tail - 1], e + 1)
-            if _ending(G, p0, p1, p2, c, f) < _ending(G, p0, p1, p2, b, f):
+            if _beats(p0, p1, c, b, G[c] - G[b] + p2[b] - p2[c], max(first[tail - 1], e + 1)):
                 tail -= 1
             else:
                 break
@@ -298,16 +320,25 @@ def _penalized(p0, p1, p2, lam, G, arg, count, cand, first) -> int:
             tail += 1
             continue
         b = cand[tail - 1]
+        offset = G[c] - G[b] + p2[b] - p2[c]
         lo = max(first[tail - 1], e + 1)  # c does not beat b here
-        if not _ending(G, p0, p1, p2, c, n) < _ending(G, p0, p1, p2, b, n):
-            continue
-        hi = n  # c beats b here
-        while hi - lo > 1:
+        start = lo
+        guess = lo + 2 * span  # takeovers come at similar distances: try twice the last one first
+        hi = n
+        if guess < n:
+            if _beats(p0, p1, c, b, offset, guess):
+                hi = guess
+            else:
+                lo = guess
+        if hi == n and not _beats(p0, p1, c, b, offset, n):
+            continue  # c never beats b
+        while hi - lo > 1:  # c beats b at hi, not at lo
             mid = (lo + hi) // 2
-            if _ending(G, p0, p1, p2, c, mid) < _ending(G, p0, p1, p2, b, mid):
+            if _beats(p0, p1, c, b, offset, mid):
                 hi = mid
             else:
                 lo = mid
+        span = max(1, hi - start)
         cand[tail], first[tail] = c, hi
         tail += 1
     return count[n]
@@ -323,29 +354,29 @@ def _lagrange(p0, p1, p2, k: int, lam: float, G, arg, count, cand, first) -> flo
     the penalised optimum has exactly k clusters; that partition is then optimal among all
     k-partitions (its cost plus lam * k is minimal among all partitions). `lam` is the first
     guess. The optimal cost is convex in k, so the count falls as the price rises; the search
-    interpolates log(count) against log(price). Returns the price, or -1 when no price gives
-    exactly k (cost linear across k: the caller falls back to the layered DP)."""
-    lo, c_lo = 0.0, 0  # a price with more than k clusters (0: none yet)
-    hi, c_hi = np.inf, 0  # a price with fewer
-    side = 0
+    steps along the local power law count ~ price^(-1/beta) (beta ~ 3: cost ~ 1 / k^2), beta
+    measured from the last two passes, within the bracket found so far. Returns the price, or -1
+    when no price gives exactly k (cost linear across k: the caller falls back to the layered DP)."""
+    lo, hi = 0.0, np.inf  # prices known to give more / fewer than k clusters
+    beta = 3.0
+    last_lam, last_c = 0.0, 0
     for _ in range(LAGRANGE_ITERATIONS):
         c = _penalized(p0, p1, p2, lam, G, arg, count, cand, first)
         if c == k:
             return lam
         if c > k:
-            lo, c_lo = lam, c
+            lo = lam
         else:
-            hi, c_hi = lam, c
-        if lo > 0.0 and hi < np.inf:
-            if hi <= lo * (1.0 + 1e-12):
-                return -1.0
-            t = (np.log(k) - np.log(c_lo)) / (np.log(c_hi) - np.log(c_lo))
-            if (c > k) == (side > 0):  # same side twice: pull toward the middle
-                t = 0.5 * (t + 0.5)
-            side = 1 if c > k else -1
-            lam = np.exp(np.log(lo) + t * (np.log(hi) - np.log(lo)))
-        else:  # cost ~ 1 / k^2, so the price ~ 1 / k^3
-            lam = lam * (c / k) ** 3 if c > 1 else lam / 8.0
+            hi = lam
+        if hi <= lo * (1.0 + 1e-12):
+            return -1.0
+        if last_c and abs(last_c - c) >= 4:  # closer counts: too coarse to measure beta
+            beta = min(6.0, max(1.0, np.log(lam / last_lam) / np.log(last_c / c)))
+        last_lam, last_c = lam, c
+        step = lam * (c / k) ** beta
+        if lo > 0.0 and hi < np.inf and not lo < step < hi:
+            step = np.sqrt(lo * hi)
+        lam = step
     return -1.0
 
 
@@ -366,21 +397,21 @@ def _solve(xs: np.ndarray, ws: np.ndarray, ks: np.ndarray):
     for r in range(ks.size):
         if ks[r] < LAGRANGE_FROM or ks[r] >= n:
             layered_k = max(layered_k, min(ks[r], n))
+    layer_costs, starts = _layered(p0, p1, p2, layered_k)
+    # the price of the first search from cost ~ 1 / k^2 (price = -dcost/dk), then from the last
+    price, price_k = 2.0 * layer_costs[layered_k - 1] * layered_k**2, 1.0
+    fallback_k = 0
     G = np.empty(n + 1)
     arg, count, cand, first = np.empty((4, n + 1), dtype=np.int64)
-    prices = np.zeros(ks.size)
     for r in range(ks.size):
         k = min(ks[r], n)
         if k <= layered_k:
             continue
-        if r > 0 and prices[r - 1] > 0:
-            lam = prices[r - 1] * (ks[r - 1] / k) ** 3
-        else:
-            lam = 2.0 * _cost(p0, p1, p2, 0, n - 1) / k**3
-        prices[r] = _lagrange(p0, p1, p2, k, lam, G, arg, count, cand, first)
-        if prices[r] < 0:
-            layered_k = max(layered_k, k)
+        lam = _lagrange(p0, p1, p2, k, price * (price_k / k) ** 3, G, arg, count, cand, first)
+        if lam < 0:
+            fallback_k = k
             continue
+        price, price_k = lam, k
         e, t, total = n, k - 1, 0.0
         while e > 0:
             i = arg[e]
@@ -388,10 +419,12 @@ def _solve(xs: np.ndarray, ws: np.ndarray, ks: np.ndarray):
             centroids[r, t] = (p1[e] - p1[i]) / (p0[e] - p0[i]) + shift
             e, t = i, t - 1
         costs[r] = total
-    layer_costs, starts = _layered(p0, p1, p2, layered_k)
+    if fallback_k:  # no price gave one of the counts: the layered DP up to it
+        layered_k = fallback_k
+        layer_costs, starts = _layered(p0, p1, p2, layered_k)
     for r in range(ks.size):
         m = min(ks[r], n)
-        if m > layered_k:
+        if m > layered_k:  # (after a fallback: every k up to it, the same optimum)
             continue
         costs[r] = layer_costs[m - 1]
         j = n - 1
