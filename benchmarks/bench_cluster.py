@@ -6,7 +6,7 @@
 coremltools is called as its palettize_weights pass calls it: `_get_kmeans_lookup_table_and_weight`
 tensor by tensor, group by group (exact `kmeans1d` for fp16 groups of >= 10,000 elements, which
 needs the kmeans1d package; scikit-learn's k-means below that). palette fits all requested
-bit-widths of a layout from one DP pass where a run asks for several.
+bit-widths of a layout from one histogram per group where a run asks for several.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def sd15_weights():
         yield name, (torch.randn(shape, generator=gen) / math.sqrt(fan_in)).to(torch.float16)
 
 
-def bench_sd15(sample_every: int, granularities: tuple[str, ...]) -> None:
+def bench_sd15(sample_every: dict[str, int], granularities: tuple[str, ...]) -> None:
     print("\n## Stable Diffusion 1.5 UNet architecture (random fan-in-scaled fp16 weights), all six bit-widths\n")
     rows = []
     for gran in granularities:
@@ -121,7 +121,7 @@ def bench_sd15(sample_every: int, granularities: tuple[str, ...]) -> None:
             t_pal += dt
             numel_all += w.numel()
             n_layers += 1
-            if i % sample_every == 0:
+            if i % sample_every[gran] == 0:
                 w16 = w.numpy()
                 for spec in specs_l:
                     _, dt = timed(lambda: coreml_kmeans_groups(w16, spec.nbits, spec.group_size))
@@ -145,6 +145,8 @@ def main() -> None:
                         help="restrict the MiniLM and SD 1.5 runs to these (default: both)")
     parser.add_argument("--sd15-sample-every", type=int, default=12,
                         help="time coremltools on every Nth SD 1.5 layer and extrapolate by element count")
+    parser.add_argument("--sd15-sample-every-grouped", type=int, default=48,
+                        help="the same for per_grouped_channel (scikit-learn groups: far slower)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"palette vs coremltools k-means, {torch.get_num_threads()} threads")
@@ -154,7 +156,8 @@ def main() -> None:
     if not args.skip_minilm:
         bench_minilm(grans)
     if not args.skip_sd15:
-        bench_sd15(args.sd15_sample_every, grans)
+        every = {"per_tensor": args.sd15_sample_every, "per_grouped_channel": args.sd15_sample_every_grouped}
+        bench_sd15(every, grans)
 
 
 if __name__ == "__main__":

@@ -344,7 +344,7 @@ def _penalized(p0, p1, p2, lam, G, arg, count, cand, first) -> int:
     return count[n]
 
 
-LAGRANGE_FROM = 8  # cluster counts from here on come from the penalised DP (fewer steps)
+LAGRANGE_FROM = 3  # LUTs of 3+ entries come from the penalised DP (fewer steps than layers)
 LAGRANGE_ITERATIONS = 40
 
 
@@ -393,7 +393,7 @@ def _solve(xs: np.ndarray, ws: np.ndarray, ks: np.ndarray):
     p0, p1, p2, shift = _prefix_sums(xs, ws)
     costs = np.zeros(ks.size)
     centroids = np.empty((ks.size, ks[-1]))
-    layered_k = 1
+    layered_k = min(2, n)  # 2 clusters cost one O(n) scan, and a first guess of the price
     for r in range(ks.size):
         if ks[r] < LAGRANGE_FROM or ks[r] >= n:
             layered_k = max(layered_k, min(ks[r], n))
