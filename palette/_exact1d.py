@@ -7,7 +7,7 @@ argmin is monotone in j and in k (the cost is Monge). Two exact solvers share it
 
 - layered: each layer by divide and conquer within the bounds the previous layer gives. One
   pass up to K yields the optimal cost, and partition, of every cluster count up to K
-  (`every_cost`; the small LUTs of `fit_segments`). Its work grows with K.
+  (`every_cost`, 2-entry LUTs, and the fallback below). Its work grows with K.
 - Lagrangian (Aggarwal, Schieber and Tokuyama): D is convex in k, so for each k there is a price
   per cluster at which the unconstrained optimum of cost + price * clusters has exactly k
   clusters, and is then the optimal k-partition. Each price is one O(n log n) pass whatever k
@@ -250,7 +250,7 @@ def _prefix_sums(xs: np.ndarray, ws: np.ndarray):
 @nb.njit(cache=True, error_model="numpy")
 def _layered(p0, p1, p2, kk: int):
     """Layers 1..kk of the DP: (costs[k-1] for k = 1..kk, starts[k-1][j] = start of the last of
-    k clusters of values 0..j)."""
+    k clusters of values 0..j; for k = kk only at j = n - 1)."""
     n = p0.size - 1
     starts = np.zeros((kk, n), dtype=np.int32)
     rows = np.empty((2, n))  # layers k-1 and k, alternately
