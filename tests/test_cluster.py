@@ -339,3 +339,31 @@ def test_lagrangian_partitions_equal_the_layered_dp(case: str) -> None:
         lut = centroids[0, r, :k]
         err = np.min((x[:, None] - lut[None]) ** 2, axis=1) @ w
         assert err <= ref[k - 1] * (1 + 1e-9) + 1e-12 * ref[0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    kind=st.sampled_from(["normal", "student_t", "integer_grid", "rounded", "uniform"]),
+    size=st.integers(50, 2000),
+    weighted=st.booleans(),
+    ks=st.lists(st.integers(3, 79), min_size=1, max_size=4, unique=True),
+)
+def test_lagrangian_equals_layered_on_random_inputs(seed, kind, size, weighted, ks) -> None:
+    """Property form of the test above: any distribution, weights and set of LUT sizes."""
+    from palette import _exact1d
+
+    rng = np.random.default_rng(seed)
+    values = {
+        "normal": lambda: rng.normal(size=size) * 0.05,
+        "student_t": lambda: rng.standard_t(3, size=size) * 0.02,
+        "integer_grid": lambda: rng.integers(-20, 20, size=size) * 0.01,
+        "rounded": lambda: np.round(rng.normal(size=size) * 8) / 8,
+        "uniform": lambda: rng.uniform(-1, 1, size=size),
+    }[kind]().astype(np.float16)
+    weights = rng.exponential(size=size) if weighted else np.empty(0)
+    ks = np.array(sorted(ks))
+    keys = _exact1d.fp16_keys(values.view(np.uint16))
+    costs, _ = _exact1d.fit_segments(keys, np.array([0]), np.array([size]), weights, ks, _exact1d.KEY_VALUES)
+    ref = _exact1d.every_cost(keys, weights, int(ks[-1]), _exact1d.KEY_VALUES)
+    np.testing.assert_allclose(costs[0], ref[ks - 1], rtol=1e-9, atol=1e-12 * ref[0])
