@@ -311,6 +311,23 @@ def test_dp_equals_plain_dp_on_hundreds_of_values(case: str) -> None:
     np.testing.assert_allclose(costs, ref, rtol=1e-9, atol=1e-12 * ref[0])
 
 
+def assert_lagrangian_equals_layered(values: np.ndarray, weights: np.ndarray, ks: np.ndarray) -> None:
+    """fit_segments' costs for ascending `ks` equal the layered DP's optimum (`every_cost`), and
+    its centroids are that partition's: assigning the values to them costs no more."""
+    from palette import _exact1d
+
+    keys = _exact1d.fp16_keys(values.view(np.uint16))
+    bounds = np.array([0]), np.array([keys.size])
+    costs, centroids = _exact1d.fit_segments(keys, *bounds, weights, ks, _exact1d.KEY_VALUES)
+    ref = _exact1d.every_cost(keys, weights, int(ks[-1]), _exact1d.KEY_VALUES)
+    np.testing.assert_allclose(costs[0], ref[ks - 1], rtol=1e-9, atol=1e-12 * ref[0])
+    w = weights if weights.size else np.ones(values.size)
+    x = values.astype(np.float64)
+    for r, k in enumerate(ks):
+        err = np.min((x[:, None] - centroids[0, r, :k][None]) ** 2, axis=1) @ w
+        assert err <= ref[k - 1] * (1 + 1e-9) + 1e-12 * ref[0]
+
+
 @pytest.mark.parametrize("case", ["heavy_tailed", "few_values", "weighted", "even_grid"])
 def test_lagrangian_partitions_equal_the_layered_dp(case: str) -> None:
     """Cluster counts from LAGRANGE_FROM on come from the penalised DP: the cost of the partition
@@ -325,20 +342,8 @@ def test_lagrangian_partitions_equal_the_layered_dp(case: str) -> None:
         values = np.arange(24.0)
     else:
         values = rng.standard_t(4, size=3000) * 0.05
-    values = values.astype(np.float16)
     weights = rng.exponential(size=values.size) if case == "weighted" else np.empty(0)
-    ks = np.arange(_exact1d.LAGRANGE_FROM, 23)
-    keys = _exact1d.fp16_keys(values.view(np.uint16))
-    bounds = np.array([0]), np.array([keys.size])
-    costs, centroids = _exact1d.fit_segments(keys, *bounds, weights, ks, _exact1d.KEY_VALUES)
-    ref = _exact1d.every_cost(keys, weights, int(ks[-1]), _exact1d.KEY_VALUES)
-    np.testing.assert_allclose(costs[0], ref[ks - 1], rtol=1e-9, atol=1e-12 * ref[0])
-    w = np.ones(values.size) if case != "weighted" else weights
-    x = values.astype(np.float64)
-    for r, k in enumerate(ks):  # the centroids are the partition's: their error is the optimum
-        lut = centroids[0, r, :k]
-        err = np.min((x[:, None] - lut[None]) ** 2, axis=1) @ w
-        assert err <= ref[k - 1] * (1 + 1e-9) + 1e-12 * ref[0]
+    assert_lagrangian_equals_layered(values.astype(np.float16), weights, np.arange(_exact1d.LAGRANGE_FROM, 23))
 
 
 @settings(max_examples=30, deadline=None)
@@ -351,8 +356,6 @@ def test_lagrangian_partitions_equal_the_layered_dp(case: str) -> None:
 )
 def test_lagrangian_equals_layered_on_random_inputs(seed, kind, size, weighted, ks) -> None:
     """Property form of the test above: any distribution, weights and set of LUT sizes."""
-    from palette import _exact1d
-
     rng = np.random.default_rng(seed)
     values = {
         "normal": lambda: rng.normal(size=size) * 0.05,
@@ -362,8 +365,4 @@ def test_lagrangian_equals_layered_on_random_inputs(seed, kind, size, weighted, 
         "uniform": lambda: rng.uniform(-1, 1, size=size),
     }[kind]().astype(np.float16)
     weights = rng.exponential(size=size) if weighted else np.empty(0)
-    ks = np.array(sorted(ks))
-    keys = _exact1d.fp16_keys(values.view(np.uint16))
-    costs, _ = _exact1d.fit_segments(keys, np.array([0]), np.array([size]), weights, ks, _exact1d.KEY_VALUES)
-    ref = _exact1d.every_cost(keys, weights, int(ks[-1]), _exact1d.KEY_VALUES)
-    np.testing.assert_allclose(costs[0], ref[ks - 1], rtol=1e-9, atol=1e-12 * ref[0])
+    assert_lagrangian_equals_layered(values, weights, np.array(sorted(ks)))
