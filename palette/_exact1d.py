@@ -11,7 +11,7 @@ argmin is monotone in j and in k (the cost is Monge). Two exact solvers share it
 - Lagrangian (Aggarwal, Schieber and Tokuyama): D is convex in k, so for each k there is a price
   per cluster at which the unconstrained optimum of cost + price * clusters has exactly k
   clusters, and is then the optimal k-partition. Each price is one O(n log n) pass whatever k
-  is; a few passes find the price. 256 clusters cost what 8 do.
+  is; a few passes find the price, so the work hardly grows with k.
 
 Values are handled as *keys*: the fp16 bit pattern mapped so that integer order is value order.
 """

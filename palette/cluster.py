@@ -268,7 +268,8 @@ def fit_palettes(
     name: str = "weight",
 ) -> list[Palette]:
     """Palettes of one weight for several specs, sharing work: scalar specs with the same layout
-    share one histogram and one layered DP pass (LUTs under 8 entries)."""
+    share one histogram per group (2-entry LUTs from the layered DP, larger ones each from a
+    Lagrangian search)."""
     return fit_palettes_batch([(weight, specs, importance)], seed=seed, names=[name])[0]
 
 
