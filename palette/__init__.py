@@ -10,7 +10,15 @@ from typing import Any
 
 from .cluster import Palette, fit_palette, fit_palettes, fit_palettes_batch, optimal_costs
 from .measure import Measurement, measure  # eager: the function shadows its module's name
-from .palettize import apply_palettes, keep_original, palettize, resolve_specs, target_layers
+from .palettize import (
+    apply_palettes,
+    keep_original,
+    palettes_of,
+    palettize,
+    resolve_specs,
+    strip_palettes,
+    target_layers,
+)
 from .spec import NBITS, PaletteSpec
 
 __version__ = "0.1.0"
@@ -62,8 +70,10 @@ __all__ = [
     "keep_original",
     "measure",
     "optimal_costs",
+    "palettes_of",
     "palettize",
     "resolve_specs",
+    "strip_palettes",
     "target_layers",
     *_LAZY,
 ]

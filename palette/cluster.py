@@ -185,11 +185,8 @@ def _fit_vector(lo: _Layout, spec: PaletteSpec, seed: int) -> tuple[np.ndarray, 
             cent = km.centroids
         cent16 = np.unique(cent.astype(np.float16), axis=0)  # canonical, sorted LUT order
         cent16 = np.concatenate([cent16, np.repeat(cent16[-1:], k - len(cent16), axis=0)])
-        index = faiss.IndexFlatL2(d)
-        index.add(cent16.astype(np.float32))
-        _, lab = index.search(x, 1)
         luts[g] = cent16
-        idx[g] = lab[:, 0]
+        idx[g] = _nearest_vectors(x, cent16)
     return luts, idx.reshape(out_channels // d, positions)
 
 
@@ -285,26 +282,65 @@ def fit_palette(
     return fit_palettes(weight, [spec], importance, seed=seed, name=name)[0]
 
 
-def palette_from_lut(weight: torch.Tensor, spec: PaletteSpec, lut: torch.Tensor, *, name: str = "weight") -> Palette:
-    """The palette of `weight` over a given fp16 LUT (groups, 2^nbits, 1): every value takes its
-    nearest entry, exactly as `fit_palettes` assigns. Reproduces a stored (e.g. importance-
-    weighted) palette without the data that chose its LUT."""
-    (lo,) = _layouts(0, weight, [spec], None, name)
-    if spec.cluster_dim != 1:
-        raise ValueError(f"{name}: a stored LUT applies to scalar palettes only (cluster_dim=1)")
-    want = (lo.groups, spec.n_entries, 1)
+def _nearest_vectors(x: np.ndarray, cent16: np.ndarray) -> np.ndarray:
+    """Index of the nearest fp16 centroid (squared distance) of every fp32 vector in `x`."""
+    import faiss
+
+    index = faiss.IndexFlatL2(cent16.shape[1])
+    index.add(cent16.astype(np.float32))
+    return index.search(np.ascontiguousarray(x, dtype=np.float32), 1)[1][:, 0]
+
+
+def palette_from_lut(
+    weight: torch.Tensor,
+    spec: PaletteSpec,
+    lut: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    *,
+    name: str = "weight",
+) -> Palette:
+    """The palette of `weight` over a given fp16 LUT (groups, 2^nbits, cluster_dim): every value
+    (vector) takes its nearest entry, ties to the lower index, as `fit_palettes` assigns.
+    Reproduces a stored palette without the data that chose its LUT (an importance-weighted one,
+    or one a model carries). `scale` (fp16, one per output channel) divides each channel first,
+    exactly (a stored palette's scale); without it a `per_channel_scale` spec takes max|w| per
+    channel, as fitting does. The LUT need not be sorted."""
+    w16 = fp16_weight(weight, name)
+    out_channels, d = weight.shape[0], spec.cluster_dim
+    want = (spec.n_groups(out_channels, name), spec.n_entries, d)
     if tuple(lut.shape) != want or lut.dtype != torch.float16:
         raise ValueError(f"{name}: LUT must be float16 of shape {want}, got {lut.dtype} {tuple(lut.shape)}")
-    if not bool(torch.isfinite(lut).all()) or not bool((lut.flatten(1).diff(dim=1) >= 0).all()):
-        raise ValueError(f"{name}: LUT entries must be finite and ascending within each group")
-    keys = _exact1d.fp16_keys(lo.rows.reshape(-1).view(np.uint16))
-    size = lo.rows.size // lo.groups
-    starts = np.arange(0, lo.rows.size, size, dtype=np.int64)
-    luts = lut[:, :, 0].numpy().astype(np.float64)
-    idx = _exact1d.assign_segments(keys, starts, starts + size, luts, _exact1d.KEY_VALUES)
-    indices = torch.from_numpy(idx).reshape(weight.shape)
-    scale = torch.from_numpy(lo.scale.astype(np.float16)) if lo.scale is not None else None
-    return Palette(lut.clone(), indices, spec, scale)
+    if not bool(torch.isfinite(lut).all()):
+        raise ValueError(f"{name}: LUT has NaN/Inf entries")
+    if scale is None:
+        rows, sc = _scaled_rows(w16, spec.per_channel_scale)
+    else:
+        if not spec.per_channel_scale:
+            raise ValueError(f"{name}: a scale was given but the spec has per_channel_scale=False")
+        sc = scale.detach().cpu().reshape(-1)
+        if sc.dtype != torch.float16 or sc.numel() != out_channels or not bool((torch.isfinite(sc) & (sc != 0)).all()):
+            raise ValueError(f"{name}: the scale must be {out_channels} finite, non-zero float16 values")
+        sc = sc.numpy()
+        exact = weight.detach().to(torch.float64).cpu().numpy().reshape(out_channels, -1)
+        rows = (exact / sc.astype(np.float64)[:, None]).astype(np.float16)
+    groups = want[0]
+    luts = lut.numpy()
+    if d == 1:
+        order = np.argsort(luts[:, :, 0], axis=1, kind="stable")
+        ordered = np.take_along_axis(luts[:, :, 0], order, axis=1).astype(np.float64)
+        keys = _exact1d.fp16_keys(np.ascontiguousarray(rows).reshape(-1).view(np.uint16))
+        size = rows.size // groups
+        starts = np.arange(0, rows.size, size, dtype=np.int64)
+        idx = _exact1d.assign_segments(keys, starts, starts + size, ordered, _exact1d.KEY_VALUES)
+        idx = np.take_along_axis(order, idx.reshape(groups, -1).astype(np.int64), axis=1).astype(np.uint8)
+        indices = torch.from_numpy(idx).reshape(weight.shape)
+    else:
+        positions = rows.shape[1]
+        vecs = rows.reshape(groups, -1, d, positions).transpose(0, 1, 3, 2).reshape(groups, -1, d)
+        idx = np.stack([_nearest_vectors(vecs[g], luts[g]) for g in range(groups)]).astype(np.uint8)
+        indices = torch.from_numpy(idx).reshape(out_channels // d, *weight.shape[1:])
+    out_scale = torch.from_numpy(sc.astype(np.float16)) if spec.per_channel_scale else None
+    return Palette(lut.clone(), indices, spec, out_scale)
 
 
 def optimal_costs(

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-COREML_PREFIX = "_COREML_"
-_LUT = "_COREML_/weight/lut"
+from palette import metadata
+
 
 
 class Conv1x1(nn.Conv2d):
@@ -53,10 +53,10 @@ class Conv1x1(nn.Conv2d):
 
 def _move_coreml_buffers(src: nn.Module, dst: nn.Module, add_kernel_axes: bool) -> None:
     """Move `_COREML_` buffers from `src` to `dst`, reshaping the LUT for the weight's new rank."""
-    names = [name for name, _ in src.named_buffers(recurse=False) if name.startswith(COREML_PREFIX)]
+    names = [name for name, _ in src.named_buffers(recurse=False) if name.startswith(metadata.PREFIX)]
     for name in names:
         value = src._buffers.pop(name)
-        if name == _LUT and value is not None:
+        if name == metadata.LUT and value is not None:
             value = _reshape_lut(value, add_kernel_axes)
         dst.register_buffer(name, value, persistent=name not in src._non_persistent_buffers_set)
 

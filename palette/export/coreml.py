@@ -1,14 +1,10 @@
 """Export a torch model to a Core ML `.mlpackage` whose palettized weights are exactly palette's.
 
-coremltools' torch frontend reads compression metadata from buffers named `_COREML_/...` on each
-module (converter.py, `_construct_palettization_op`): `compression_type` = [2] (palettization),
-`lut` of rank weight.rank + 2 (groups along axis 0, then 2^nbits entries, then cluster_dim),
-`vector_axis` = 0, and `palettization_scale` of the weight's rank. It does not take indices: it
-re-derives them as the nearest LUT entry to weight / scale. So during export each palettized
-weight is set to LUT[indices] * scale computed exactly in fp32 (a product of two fp16 values
-fits fp32's significand), which makes weight / scale exactly the LUT entry: the nearest entry
-is the palette's own (or an equal-valued duplicate), never a re-clustering. The model's weights
-and buffers are restored afterwards, whatever happens.
+The model is converted as it is when it carries its palettes (after `palettize`), exactly as a
+user's own `ct.convert(torch.jit.trace(...))` would: coremltools reads each layer's compression
+metadata (`palette.metadata`). With a `recipe`, its palettes are put on the model for the
+conversion only. Either way the saved package is read back and checked bit for bit, and the
+model's weights and buffers are left as they were, whatever happens.
 """
 
 from __future__ import annotations
@@ -18,6 +14,7 @@ import inspect
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,39 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import metadata
 from ..cluster import Palette
-from ..palettize import keep_original, target_layers
+from ..palettize import apply_palettes, dense_lookalikes, keep_original, palettes_of, target_layers
 from .chunk import ChunkedExportReport, check_chunk_limit, chunk_mlpackage, chunks_folder
 from .recipe_input import RecipeLike, recipe_palettes
 from .verify import ExportReport, verify_mlpackage
-
-PALETTIZATION = 2  # coremltools' CompressionType.PALETTIZATION
-METADATA_VERSION = 2
-PREFIX = "_COREML_"
-
-
-def exact_fp32_weight(pal: Palette) -> torch.Tensor:
-    """LUT[indices] * scale in fp32 without rounding: dividing by the fp16 scale gives the LUT
-    entry back exactly, so coremltools' nearest-entry search finds the palette's own index."""
-    unscaled = dataclasses.replace(pal, spec=dataclasses.replace(pal.spec, per_channel_scale=False), scale=None)
-    w = unscaled.dequantize().float()
-    if pal.scale is not None:
-        w = w * pal.scale.float().reshape(-1, *[1] * (w.dim() - 1))
-    return w
-
-
-def compression_buffers(pal: Palette, weight_rank: int) -> dict[str, torch.Tensor]:
-    """The `_COREML_/weight/...` buffers describing `pal` for a weight of rank `weight_rank`."""
-    groups, k, d = pal.lut.shape
-    ones = [1] * (weight_rank - 1)
-    bufs = {
-        "compression_type": torch.tensor([PALETTIZATION]),
-        "lut": pal.lut.reshape(groups, *ones, k, d).clone(),
-        "vector_axis": torch.tensor(0),
-    }
-    if pal.scale is not None:
-        bufs["palettization_scale"] = pal.scale.reshape(-1, *ones).clone()
-    return {f"{PREFIX}/weight/{k}": v for k, v in bufs.items()}
 
 
 class _Traceable(nn.Module):
@@ -149,7 +119,9 @@ def export_coreml(
     """Trace `model`, convert it with palette's palettes as Core ML LUTs, save to `path`.
 
     `recipe`: a Recipe, {layer: PaletteSpec | None}, a PaletteSpec, fitted {layer: Palette}, or
-    None (plain fp16). Target layers the recipe does not palettize stay fp16 consts. Converts
+    None: the palettes the model carries (`palettize`), if any; a model without any whose layers
+    look palettized (few distinct values) is exported dense with a warning naming them. Target
+    layers the recipe does not palettize stay fp16 consts. Converts
     with compute_precision FLOAT16 and `minimum_deployment_target` (default iOS18);
     `convert_kwargs` go to `ct.convert` (e.g. `inputs`, `outputs`). With `verify` (default) the
     saved package is read back and every weight checked bit for bit; a mismatch raises
@@ -166,7 +138,11 @@ def export_coreml(
     check_numpy()
     target = ct.target.iOS18 if minimum_deployment_target is None else minimum_deployment_target
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    palettes = recipe_palettes(model, recipe, seed=seed)
+    if recipe is None:
+        palettes = palettes_of(model)
+        _warn_lookalikes(model, palettes)
+    else:
+        palettes = recipe_palettes(model, recipe, seed=seed)
     check_target(palettes, target)
     if max_chunk_bytes is not None:
         check_chunk_limit(model, palettes, max_chunk_bytes)
@@ -185,23 +161,22 @@ def export_coreml(
         "compute_precision": ct.precision.FLOAT16,
         **(convert_kwargs or {}),
     }
-    wrapper = _Traceable(model).eval()
-    registered: list[tuple[nn.Module, str]] = []
+    wrapper = _Traceable(model)
+    carrying = [n for n, m in modules.items() if metadata.carries(m)]
+    training = {m: m.training for m in model.modules()}
     t0 = time.perf_counter()
-    with keep_original(model, list(palettes)), torch.no_grad():
+    with keep_original(model, sorted(set(carrying) | set(palettes))), torch.no_grad():
+        wrapper.eval()
+        if recipe is not None:  # exactly the recipe's palettes, for this conversion only
+            for n in carrying:
+                metadata.detach(modules[n])
+            apply_palettes(model, palettes)
         try:
-            wrapper.register_buffer(f"{PREFIX}/metadata_version", torch.tensor(METADATA_VERSION))
-            for name, pal in palettes.items():
-                m = modules[name]
-                m.weight.copy_(exact_fp32_weight(pal).reshape(m.weight.shape))
-                for key, buf in compression_buffers(pal, m.weight.dim()).items():
-                    m.register_buffer(key, buf)
-                    registered.append((m, key))
             traced = torch.jit.trace(wrapper, inputs, check_trace=False, strict=False)
-            mlmodel = ct.convert(traced, **kwargs)
         finally:
-            for m, key in registered:
-                del m._buffers[key]
+            for m, flag in training.items():
+                m.training = flag
+        mlmodel = ct.convert(traced, **kwargs)
     seconds = {"convert": time.perf_counter() - t0}
     path = save_replacing(mlmodel, path)
     if not verify:
@@ -217,3 +192,18 @@ def export_coreml(
     manifest = chunk_mlpackage(path, chunks_folder(path), max_chunk_bytes, verify=verify)
     seconds["chunk"] = time.perf_counter() - t2
     return ChunkedExportReport(**{f.name: getattr(report, f.name) for f in dataclasses.fields(report)}, chunks=manifest)
+
+
+def _warn_lookalikes(model: nn.Module, palettes: Mapping[str, Palette]) -> None:
+    """Warn, with counts and bytes, about target layers that look palettized but carry no palette."""
+    found = dense_lookalikes(model, palettes)
+    if found:
+        total = sum(nbytes for _, _, nbytes in found)
+        listed = ", ".join(f"{n} ({k} values)" for n, k, _ in found[:5])
+        warnings.warn(
+            f"{len(found)} layer(s) hold at most 256 distinct values but carry no palette, so they are "
+            f"exported dense at fp16 ({total:,} B): {listed}{' ...' if len(found) > 5 else ''}. Palettized "
+            "by another tool or edited? palettize(model, PaletteSpec(nbits=...)) gives them palettes "
+            "(values already on a LUT are kept exactly), or pass recipe=",
+            stacklevel=3,
+        )
