@@ -30,11 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import mbp_reference as mbp  # noqa: E402
-from palette import PaletteSpec, allocate_bits, probe_sensitivity  # noqa: E402
-from palette.measure import measure  # noqa: E402  (`palette.measure` can resolve to the module)
+from palette import Candidates, PaletteSpec, ProbeSet, Recipe, allocate_bits, make_probe_set, measure, probe_sensitivity  # noqa: E402
+from palette.experiments import psnr_size_curve  # noqa: E402
 from palette.plot import plot_psnr_vs_size  # noqa: E402
-from palette.probe_inputs import PROMPTS, make_probe_set  # noqa: E402
-from palette.recipe import from_mapping  # noqa: E402
+from palette.probe import PROMPTS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NBITS = (1, 2, 3, 4, 6, 8)
@@ -43,23 +42,25 @@ SEED = 0
 MB = 1e6
 
 
-def minilm_setup() -> tuple[torch.nn.Module, Any, dict[str, Any], Any]:
-    """MiniLM, probe inputs (None: synthesised from the first 8 built-in prompts), probe kwargs,
-    held-out inputs (the other 8 prompts)."""
+def minilm_setup() -> tuple[torch.nn.Module, ProbeSet, Any]:
+    """MiniLM, its probe set (synthesised from the first 8 built-in prompts), held-out inputs (the
+    other 8 prompts)."""
     from palette.models.minilm import load_minilm
 
     model, tok = load_minilm()
     t = tok(list(PROMPTS[8:16]), padding="longest", return_tensors="pt")
-    return model, None, {"tokenizer": tok}, {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+    held_out = {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+    return model, make_probe_set(model, seed=SEED, tokenizer=tok), held_out
 
 
-def default_setup() -> tuple[torch.nn.Module, Any, dict[str, Any], Any]:
-    """The default UNet, its data-free probe inputs (`default_probe_inputs(seed=0)`: procedural
-    held-out scenes noised at 6 timesteps, real MiniLM embeddings), no kwargs, held-out inputs
+def default_setup() -> tuple[torch.nn.Module, ProbeSet, Any]:
+    """The default UNet, its data-free probe set (`default_probe_inputs(seed=0)`: procedural
+    held-out scenes noised at 6 timesteps, real MiniLM embeddings), held-out inputs
     (`default_probe_inputs(seed=1)`: other scenes, captions and noise)."""
     from palette.models.default import default_probe_inputs, load_unet
 
-    return load_unet(), default_probe_inputs(n=8, seed=0), {}, default_probe_inputs(n=8, seed=1)
+    unet = load_unet()
+    return unet, make_probe_set(unet, default_probe_inputs(n=8, seed=0)), default_probe_inputs(n=8, seed=1)
 
 
 SETUPS = {"minilm": minilm_setup, "default": default_setup}
@@ -69,9 +70,9 @@ SETUPS = {"minilm": minilm_setup, "default": default_setup}
 N_PROBES = {"minilm": 4, "default": 2}
 
 
-def probe(model: torch.nn.Module, inputs: Any, kwargs: dict[str, Any], n_probes: int):
-    return probe_sensitivity(model, inputs, method="fast", nbits=NBITS, granularities=GRANULARITIES, group_size=16,
-                             seed=SEED, n_probes=n_probes, progress=False, **kwargs)
+def probe(model: torch.nn.Module, probe_set: ProbeSet, n_probes: int):
+    return probe_sensitivity(model, probe_set, Candidates(NBITS, GRANULARITIES, group_size=16), method="fast",
+                             seed=SEED, n_probes=n_probes, progress=False)
 
 
 def mb_bits(recipe) -> str:
@@ -90,29 +91,28 @@ def cached(cache: Path | None, name: str, compute):
 
 
 def run_model(key: str, n_probes: int, cache: Path | None) -> tuple[list[str], str, list[str]]:
-    model, inputs, kwargs, held_out = SETUPS[key]()
+    model, probe_set, held_out = SETUPS[key]()
     name = type(model).__name__
     print(f"\n=== {key}: {name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
 
-    def psnr(mapping) -> float:
-        return measure(model, mapping, held_out).psnr
+    def psnr(recipe) -> float:
+        return measure(model, recipe, held_out).psnr
 
-    sens = cached(cache, f"{key}_sens_{n_probes}.pkl", lambda: probe(model, inputs, kwargs, n_probes))
+    sens = cached(cache, f"{key}_sens_{n_probes}.pkl", lambda: probe(model, probe_set, n_probes))
     print(f"palette fast probe: {len(sens.layers)} layers x {len(sens.specs)} specs, "
           f"{sens.cost.forward_equivalents:g} forward-equivalents, {sens.cost.seconds:.1f} s "
           f"({sens.cost.cluster_seconds:.1f} s clustering)")
 
-    units = make_probe_set(model, inputs, seed=SEED, **kwargs).units
-    ana = cached(cache, f"{key}_mbp.pkl", lambda: mbp.pre_analysis(model, units))
+    ana = cached(cache, f"{key}_mbp.pkl", lambda: mbp.pre_analysis(model, probe_set.units))
     n_cand = len(ana.sizes)
     assert ana.calls == 10 * n_cand + 19, (ana.calls, n_cand)
     print(f"MBP pre-analysis: {n_cand} candidates (> 1e5 weights) of {len(sens.layers)} palette targets, "
           f"{ana.calls} calls = 10 N + 19, {ana.seconds:.1f} s ({ana.cluster_seconds:.1f} s clustering)")
     print("MBP's own recipes (Apple's 7 thresholds; PSNR on the probe set): "
           + ", ".join(f"{k.split('_')[1]} b: {v} dB" for k, v in ana.baselines.items() if k.startswith("recipe")))
-    mbp_recipes = [from_mapping(model, mbp.mapping(r), info={"threshold": t}) for t, r in ana.sweep()]
+    mbp_recipes = [Recipe.from_specs(model, mbp.mapping(r), info={"threshold": t}) for t, r in ana.sweep()]
 
-    uniform4 = from_mapping(model, sens.uniform(PaletteSpec(4)))
+    uniform4 = Recipe.from_specs(model, sens.uniform(PaletteSpec(4)))
     targets = [("uniform 4b size", {"budget_gb": uniform4.size_bytes / 1e9}),
                ("3.0 bits", {"budget_bits": 3.0}), ("2.5 bits", {"budget_bits": 2.5})]
     # MBP leaves layers of <= 1e5 weights at 16 bits, so on small models it cannot reach the targets
@@ -122,19 +122,19 @@ def run_model(key: str, n_probes: int, cache: Path | None) -> tuple[list[str], s
         targets.append(("MBP's smallest recipe", {"budget_gb": smallest_mbp / 1e9}))
     rows, mbp_points, export_rows = [], [], []
     for label, budget in targets:
-        recipe = allocate_bits(model, sensitivity=sens, inputs=inputs, seed=SEED, progress=False, **budget, **kwargs)
+        recipe = allocate_bits(model, sensitivity=sens, inputs=probe_set, seed=SEED, progress=False, **budget)
         capacity = recipe.info["budget"]["bytes"]
-        measured = recipe.validate(model, held_out).psnr
+        measured = psnr(recipe)
         uni = ""
         if label == "uniform 4b size":
-            uni = f"{psnr(uniform4.palettized):.2f} (4b, {uniform4.size_bytes / MB:.3f} MB)"
+            uni = f"{psnr(uniform4):.2f} (4b, {uniform4.size_bytes / MB:.3f} MB)"
         elif label == "3.0 bits":
-            u3 = from_mapping(model, sens.uniform(PaletteSpec(3)))
-            uni = f"{psnr(u3.palettized):.2f} (3b, {u3.size_bytes / MB:.3f} MB: +{u3.size_bytes - capacity} B over)"
+            u3 = Recipe.from_specs(model, sens.uniform(PaletteSpec(3)))
+            uni = f"{psnr(u3):.2f} (3b, {u3.size_bytes / MB:.3f} MB: +{u3.size_bytes - capacity} B over)"
         fits = [r for r in mbp_recipes if r.size_bytes <= capacity]
         if fits:
             best = max(fits, key=lambda r: (r.size_bytes, r.info["threshold"]))
-            m_psnr = psnr(best.palettized)
+            m_psnr = psnr(best)
             mbp_points.append((best.size_bytes, m_psnr))
             m_cell = f"{m_psnr:.2f} | {mb_bits(best)}, thr {best.info['threshold']:g} dB"
             delta = f"{measured - m_psnr:+.2f}"
@@ -144,8 +144,8 @@ def run_model(key: str, n_probes: int, cache: Path | None) -> tuple[list[str], s
                     f"{recipe.predicted_psnr:.2f} ({recipe.info['additive_psnr']:.2f}) | {uni or '-'} | {m_cell} | {delta} |")
         if label == "3.0 bits":
             export_rows.append(export_check(key, model, held_out, recipe))
-            again = allocate_bits(model, sensitivity=sens, inputs=inputs, seed=SEED, progress=False, **budget, **kwargs)
-            reprobed = allocate_bits(model, sensitivity=probe(model, inputs, kwargs, n_probes), inputs=inputs, seed=SEED, **kwargs,
+            again = allocate_bits(model, sensitivity=sens, inputs=probe_set, seed=SEED, progress=False, **budget)
+            reprobed = allocate_bits(model, sensitivity=probe(model, probe_set, n_probes), inputs=probe_set, seed=SEED,
                                      progress=False, **budget)
             same = recipe.dumps() == again.dumps() == reprobed.dumps()
             print(f"determinism (3.0 bits): same sensitivity {recipe.dumps() == again.dumps()}, "
@@ -164,10 +164,11 @@ def run_model(key: str, n_probes: int, cache: Path | None) -> tuple[list[str], s
         fits = [r for r in mbp_recipes if r.size_bytes <= cap]
         if fits:
             best = max(fits, key=lambda r: (r.size_bytes, r.info["threshold"]))
-            mbp_points.append((best.size_bytes, psnr(best.palettized)))
+            mbp_points.append((best.size_bytes, psnr(best)))
     t0 = time.perf_counter()
-    png = plot_psnr_vs_size(model, HERE / f"psnr_vs_size_{key}.png", sensitivity=sens, inputs=held_out,
-                            seed=SEED, extra={"Apple MBP threshold recipes": sorted(set(mbp_points))})
+    curve = psnr_size_curve(model, sens, make_probe_set(model, held_out), seed=SEED)
+    png = plot_psnr_vs_size(HERE / f"psnr_vs_size_{key}.png", curve,
+                            extra={"Apple MBP threshold recipes": sorted(set(mbp_points))})
     print(f"plot: {png.relative_to(HERE.parent)} ({time.perf_counter() - t0:.1f} s)")
     return rows, cost, export_rows
 

@@ -22,10 +22,9 @@ import time
 import torch
 from torch import nn
 
-from palette.measure import measure
 from palette.metrics import spearman
-from palette.palettize import target_layers
-from palette.probe import Sensitivity, probe_sensitivity
+from palette.probe import ProbeSet, Sensitivity, make_probe_set, measure, probe_sensitivity
+from palette.recipe import Candidates, target_layers
 from palette.spec import PaletteSpec
 
 
@@ -43,9 +42,9 @@ def tiny_unet() -> nn.Module:
     ).eval()
 
 
-def measured_psnr(model: nn.Module, probe_kw: dict, mapping: dict[str, PaletteSpec]) -> float:
+def measured_psnr(model: nn.Module, probe: ProbeSet, mapping: dict[str, PaletteSpec]) -> float:
     """Apple PSNR of the model palettized with `mapping` against the unmodified model, same probes."""
-    return measure(model, mapping, **probe_kw).psnr
+    return measure(model, mapping, probe).psnr
 
 
 def mixed_mapping(sens: Sensitivity) -> dict[str, PaletteSpec]:
@@ -56,19 +55,19 @@ def mixed_mapping(sens: Sensitivity) -> dict[str, PaletteSpec]:
     return {n: PaletteSpec(nbits=6 if n in half else 3) for n in sens.layers}
 
 
-def bench_model(label: str, model: nn.Module, probe_kw: dict, probes: list[int]) -> list[str]:
+def bench_model(label: str, model: nn.Module, probe: ProbeSet, probes: list[int]) -> list[str]:
     """Rows of the results table for one model."""
-    kw = dict(progress=False, granularities=GRANULARITIES, **probe_kw)
-    exh = probe_sensitivity(model, method="exhaustive", **kw)
+    kw = dict(progress=False, candidates=Candidates(granularities=GRANULARITIES))
+    exh = probe_sensitivity(model, probe, method="exhaustive", **kw)
     names = list(exh.layers)
     s4, s2 = PaletteSpec(nbits=4), PaletteSpec(nbits=2)
     uniform = exh.uniform(s4)
-    meas_u = measured_psnr(model, probe_kw, uniform)
+    meas_u = measured_psnr(model, probe, uniform)
     rows = []
     for k in probes:
-        fast = probe_sensitivity(model, n_probes=k, **kw)
+        fast = probe_sensitivity(model, probe, n_probes=k, **kw)
         mixed = mixed_mapping(fast)
-        meas_m = measured_psnr(model, probe_kw, mixed)
+        meas_m = measured_psnr(model, probe, mixed)
         rho4 = spearman([fast.error(n, s4) for n in names], [exh.error(n, s4) for n in names])
         rho2 = spearman([fast.error(n, s2) for n in names], [exh.error(n, s2) for n in names])
         fe = exh.cost.forward_equivalents / fast.cost.forward_equivalents
@@ -91,36 +90,35 @@ HEADER = (
 )
 
 
-def models(only: list[str] | None) -> list[tuple[str, nn.Module, dict]]:
+def models(only: list[str] | None) -> list[tuple[str, nn.Module, ProbeSet]]:
     from palette.models.minilm import load_minilm
 
     out = []
     minilm, tok = load_minilm()
-    out.append(("all-MiniLM-L6-v2 (pretrained)", minilm, dict(tokenizer=tok, n_samples=16)))
+    out.append(("all-MiniLM-L6-v2 (pretrained)", minilm, make_probe_set(minilm, tokenizer=tok, n_samples=16)))
     try:
         from palette.models.default import default_probe_inputs, load_unet
 
-        out.append(("default model (trained UNet)", load_unet(), dict(inputs=default_probe_inputs(n=4, seed=0))))
+        unet = load_unet()
+        out.append(("default model (trained UNet)", unet, make_probe_set(unet, default_probe_inputs(n=4, seed=0))))
     except (OSError, FileNotFoundError, ImportError, ValueError) as e:
         print(f"default model not available ({type(e).__name__}: {str(e)[:120]}); skipped", flush=True)
-    out.append(("tiny random UNet", tiny_unet(), dict()))
+    tiny = tiny_unet()
+    out.append(("tiny random UNet", tiny, make_probe_set(tiny)))
     return [m for m in out if not only or any(o in m[0] for o in only)]
 
 
 def sd15(probes: int, n_samples: int, granularities: tuple[str, ...]) -> None:
-    from diffusers import UNet2DConditionModel
+    from palette.models.zoo import build
 
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64).eval()
-    with torch.no_grad():  # random weights scaled to fan-in: N(0, 1/fan_in)
-        for m in target_layers(unet, min_numel=0).values():
-            m.weight.normal_(0, m.weight[0].numel() ** -0.5)
+    unet = build("sd15-unet")  # random weights scaled to fan-in: N(0, 1/fan_in)
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"SD1.5 UNet: {n_params / 1e6:.0f}M parameters, {len(target_layers(unet))} target layers, "
           f"built in {time.perf_counter() - t0:.0f} s", flush=True)
     t1 = time.perf_counter()
-    sens = probe_sensitivity(unet, n_probes=probes, n_samples=n_samples, batch_size=1, granularities=granularities)
+    sens = probe_sensitivity(unet, make_probe_set(unet, n_samples=n_samples, batch_size=1),
+                             Candidates(granularities=granularities), n_probes=probes)
     wall = time.perf_counter() - t1
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak_gb = usage.ru_maxrss * 1024 / 1e9
@@ -151,8 +149,8 @@ def main() -> None:
         sd15(args.sd15_probes, args.sd15_samples, tuple(args.sd15_granularities))
         return
     print(HEADER, flush=True)
-    for label, model, kw in models(args.only):
-        bench_model(label, model, kw, args.probes)
+    for label, model, probe in models(args.only):
+        bench_model(label, model, probe, args.probes)
 
 
 if __name__ == "__main__":

@@ -1,40 +1,35 @@
 """palette: data-free mixed-bit k-means palettization of diffusion models for Core ML.
 
-Pipeline: cluster (one tensor -> Palette) -> palettize (apply to layers) -> probe (sensitivity)
--> allocate (bits under a size budget) -> recipe (JSON) -> export (Core ML, safetensors);
-ane (split-einsum attention) on the side. Heavy parts (coremltools, diffusers) load on first use.
+Pipeline: cluster (one tensor -> Palette) -> recipe (the plan: a spec per target layer) ->
+palettize (apply a recipe; the model carries its palettes) -> probe (sensitivity) -> allocate
+(bits under a size budget: a recipe) -> export (Core ML, safetensors); ane (split-einsum
+attention) on the side. Heavy parts (coremltools, diffusers) load on first use.
 """
 
 from importlib import import_module
 from typing import Any
 
+from ._version import __version__
 from .cluster import Palette, fit_palette, fit_palettes, fit_palettes_batch, optimal_costs
-from .measure import Measurement, measure  # eager: the function shadows its module's name
 from .palettize import (
     apply_palettes,
+    apply_recipe,
     keep_original,
     palettes_of,
     palettize,
-    resolve_specs,
     strip_palettes,
-    target_layers,
 )
+from .probe import Measurement, ProbeSet, Sensitivity, make_probe_set, measure, probe_sensitivity
+from .recipe import APPLE, Candidates, Recipe, resolve_specs, target_layers
 from .spec import NBITS, PaletteSpec
 
-__version__ = "0.1.0"
-
 _LAZY = {
-    "probe_sensitivity": "probe",
-    "Sensitivity": "probe",
-    "LayerInfo": "probe",
-    "make_probe_set": "probe_inputs",
     "psnr": "metrics",
     "mse": "metrics",
     "cosine": "metrics",
     "spearman": "metrics",
+    "allocate": "allocate",
     "allocate_bits": "allocate",
-    "Recipe": "recipe",
-    "apply_recipe": "recipe",
     "export_coreml": "export",
     "palettize_mlpackage": "export",
     "export_palettes": "export",
@@ -59,19 +54,28 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "APPLE",
     "NBITS",
+    "Candidates",
     "Measurement",
     "Palette",
     "PaletteSpec",
+    "ProbeSet",
+    "Recipe",
+    "Sensitivity",
+    "__version__",
     "apply_palettes",
+    "apply_recipe",
     "fit_palette",
     "fit_palettes",
     "fit_palettes_batch",
     "keep_original",
+    "make_probe_set",
     "measure",
     "optimal_costs",
     "palettes_of",
     "palettize",
+    "probe_sensitivity",
     "resolve_specs",
     "strip_palettes",
     "target_layers",

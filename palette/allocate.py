@@ -6,10 +6,15 @@ Each target layer may stay at 16 bits or take any probed spec; its predicted err
 solver walks the layers' lower convex hulls in order of error saved per byte (the Lagrangian /
 LP-relaxation optimum, which bounds the best possible error from below), keeps every step that
 fits, then spends what is left on the single-layer switch that saves the most, until none fits.
+
+`allocate(sensitivity, base, budget)` is pure (no model run): it turns a sensitivity and the
+model's all-16-bit recipe into a recipe. `allocate_bits(model, budget_gb=...)` is the one-call
+convenience: probe -> allocate -> `calibrate_recipe` (run the chosen recipe once on the probe set).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -21,12 +26,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .chunking import chunks_needed, layer_bytes_in_order
 from .cluster import fit_palettes
-from .metrics import psnr_from_mse
-
-from .palettize import DEFAULT_MIN_NUMEL, target_layers
-from .recipe import Recipe, fixed_bytes, from_mapping
-from .spec import NBITS, PaletteSpec
+from .probe import ProbeSet, Sensitivity, make_probe_set, measure, probe_sensitivity
+from .probe.run import as_candidates
+from .recipe import Candidates, Recipe
+from .spec import PaletteSpec
 
 GB = 1e9  # budgets count decimal gigabytes
 
@@ -132,137 +137,22 @@ def solve(options: Mapping[str, Sequence[Option]], capacity: int) -> Solution:
     return Solution(choice, total, min(bound, total))
 
 
-def allocate_bits(
-    model: nn.Module,
-    budget_gb: float | None = None,
-    *,
-    budget_bits: float | None = None,
-    inputs: Any = None,
-    sensitivity: Any = None,
-    nbits: Sequence[int] = NBITS,
-    granularities: Sequence[str] = ("per_tensor", "per_grouped_channel"),
-    group_size: int = 16,
-    method: str = "fast",
-    seed: int = 0,
-    min_numel: int = DEFAULT_MIN_NUMEL,
-    importance: bool = False,
-    max_chunk_bytes: int | None = None,
-    calibrate: bool = True,
-    progress: bool = True,
-    **probe_kwargs: Any,
-) -> Recipe:
-    """The recipe with the least predicted output error whose stored size fits the budget.
-
-    `budget_gb`: decimal GB of the whole model as stored (palettized weights, LUTs, scales, and
-    every other parameter at 16 bits). `budget_bits`: average bits per target weight instead.
-    `sensitivity`: a `probe_sensitivity` result to reuse; otherwise the model is probed here with
-    `inputs` (or synthesised ones), `method`, the candidate `nbits` x `granularities`, and `seed`.
-    `importance=True` also scores, per layer and spec, k-means weighted by the probe's Fisher
-    importance, and keeps it (its LUT stored in the recipe) only where it predicts less error.
-    `calibrate=True` runs the chosen recipe on the probe set (two forward passes: with and without
-    it) and makes that measured PSNR the recipe's `predicted_psnr`: the additive first-order sum is
-    optimistic at low bits, where layers' errors grow and interact nonlinearly; it stays in
-    `info["additive_psnr"]`. Without the probe set (a `sensitivity` from inputs not given here)
-    the additive estimate is kept and `info["calibration"]` says why.
-    The model is not modified.
-    """
-    if (budget_gb is None) == (budget_bits is None):
-        raise ValueError("give exactly one of budget_gb (whole model, decimal GB) or budget_bits")
-    budget = budget_gb if budget_gb is not None else budget_bits
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
-        raise ValueError(f"the budget must be a positive number, got {budget!r}")
-    targets = target_layers(model, min_numel)
-    if not targets:
-        raise ValueError(f"{type(model).__name__} has no Linear/Conv layers with >= {min_numel} weights")
-    if sensitivity is None:
-        from .probe import probe_sensitivity
-
-        sensitivity = probe_sensitivity(
-            model, inputs, method=method, nbits=nbits, granularities=granularities,
-            group_size=group_size, seed=seed, min_numel=min_numel, progress=progress,
-            importance=importance, keep_sketch=importance, **probe_kwargs,
-        )
-    options = layer_options(model, targets, sensitivity)
-    if importance:
-        add_weighted_options(targets, sensitivity, options, seed, progress)
-    if max_chunk_bytes is not None:
-        options = {n: [o for o in opts if o.nbytes <= max_chunk_bytes] or opts for n, opts in options.items()}
-    fixed = fixed_bytes(model, targets)
-    numel = sum(m.weight.numel() for m in targets.values())
-    full = fixed + 2 * numel
-    smallest = fixed + sum(min(o.nbytes for o in opts) for opts in options.values())
-    capacity = int(budget_gb * GB) if budget_gb is not None else fixed + int(budget_bits * numel / 8)
-    info: dict[str, Any] = {
-        "budget": {"gb": budget_gb, "bits": budget_bits, "bytes": capacity},
-        "method": sensitivity.method,
-        "candidates": sorted({o.spec.label for opts in options.values() for o in opts if o.spec}),
-        "probe_inputs": sensitivity.inputs_description,
-    }
-    if capacity < smallest:
-        raise ValueError(
-            f"the budget ({capacity / GB:.6f} GB, {_bits(capacity - fixed, numel):.3f} bits per "
-            f"weight) is below the smallest size reachable with these candidates: "
-            f"{smallest / GB:.6f} GB ({_bits(smallest - fixed, numel):.3f} bits per weight, every "
-            f"layer at its smallest spec; {fixed / GB:.6f} GB of other parameters stay at 16 bits)"
-        )
-    if capacity >= full:
-        note = (f"the budget ({capacity / GB:.6f} GB) holds the whole model at 16 bits "
-                f"({full / GB:.6f} GB): nothing is palettized")
-        warnings.warn(note, stacklevel=2)
-        info.update(note=note, gap=0.0)
-        return from_mapping(model, {}, min_numel=min_numel, predicted_psnr=None, seed=seed, info=info)
-    sol = solve(options, capacity - fixed)
-    mapping = {n: o.spec for n, o in sol.choice.items()}
-    info.update(predicted_mse=sol.error, lower_bound_mse=sol.lower_bound, gap=sol.gap)
-    recipe = from_mapping(model, mapping, min_numel=min_numel,
-                          predicted_psnr=predict_psnr(sensitivity, sol.choice), seed=seed, info=info)
-    recipe.luts = {n: o.lut for n, o in sol.choice.items() if o.lut is not None}
-    if calibrate:
-        _calibrate(model, recipe, sensitivity, inputs, probe_kwargs)
-    if max_chunk_bytes is not None:
-        from .export.chunk import chunks_needed, layer_bytes_in_order
-
-        example = inputs if isinstance(inputs, (torch.Tensor, tuple, dict)) else None
-        recipe.info.update(max_chunk_bytes=max_chunk_bytes,
-                           chunks=chunks_needed(layer_bytes_in_order(model, recipe, example), max_chunk_bytes))
-    assert recipe.size_bytes <= capacity
-    return recipe
-
-
-PROBE_SET_KWARGS = ("n_samples", "batch_size", "text_encoder", "tokenizer", "scheduler")
-
-
-def _calibrate(model: nn.Module, recipe: Recipe, sensitivity: Any, inputs: Any, probe_kwargs: dict) -> None:
-    """Measure the recipe on the probe set the sensitivity came from; record it as predicted."""
-    from .measure import measure_on
-    from .probe_inputs import make_probe_set
-
-    recipe.info["additive_psnr"] = recipe.predicted_psnr
-    kw = {k: probe_kwargs[k] for k in PROBE_SET_KWARGS if k in probe_kwargs}
-    try:
-        probe = make_probe_set(model, inputs, seed=sensitivity.seed, **kw)
-    except ValueError as e:
-        recipe.info["calibration"] = f"not calibrated: no probe inputs ({e})"
-        return
-    if probe.description != sensitivity.inputs_description:
-        recipe.info["calibration"] = (
-            f"not calibrated: the sensitivity was probed on {sensitivity.inputs_description!r}, "
-            f"these inputs are {probe.description!r}; pass the probe inputs to calibrate"
-        )
-        return
-    recipe.predicted_psnr = measure_on(model, recipe.palettes(model), probe, seed=sensitivity.seed).psnr
-    recipe.info["calibration"] = f"measured on the probe set ({probe.description}), 2 forward passes"
-
-
-def predict_psnr(sensitivity: Any, choice: Mapping[str, Option]) -> float:
-    """Additive prediction of Apple's PSNR for a choice: per-sample errors summed over layers."""
-    total = sum((o.per_sample for o in choice.values() if o.spec is not None), np.zeros(len(sensitivity.peak)))
-    return float(psnr_from_mse(total, sensitivity.peak).mean())
+def layer_options(sensitivity: Sensitivity, names: Sequence[str]) -> dict[str, list[Option]]:
+    """Every layer's choices: 16 bits, or each probed spec that applies, with predicted errors."""
+    out = {}
+    for n in names:
+        info = sensitivity.layers[n]
+        opts = [Option(None, 2 * info.numel, 0.0)]
+        for i, spec in enumerate(sensitivity.specs):
+            if sensitivity.nbytes[n][i] is not None:
+                opts.append(Option(spec, sensitivity.nbytes[n][i], sensitivity.error(n, spec),
+                                   sensitivity.errors_per_sample(n, spec)))
+        out[n] = opts
+    return out
 
 
 def add_weighted_options(
-    targets: Mapping[str, nn.Module], sensitivity: Any, options: dict[str, list[Option]], seed: int,
-    progress: bool,
+    model: nn.Module, sensitivity: Sensitivity, options: dict[str, list[Option]], seed: int, progress: bool,
 ) -> None:
     """Add, per layer and scalar spec, the importance-weighted palette where the probe predicts it
     beats the plain one (same size, less error)."""
@@ -271,10 +161,10 @@ def add_weighted_options(
             "importance=True needs a sensitivity probed with importance=True, keep_sketch=True "
             "(method='fast'); pass none to probe here"
         )
+    modules = dict(model.named_modules())
     for n in tqdm(list(options), desc="weighted k-means", disable=not progress, leave=False):
         plain = [o for o in options[n] if o.spec is not None and o.spec.cluster_dim == 1]
-        weight = targets[n].weight
-        pals = fit_palettes(weight, [o.spec for o in plain], sensitivity.importance[n], seed=seed, name=n)
+        pals = fit_palettes(modules[n].weight, [o.spec for o in plain], sensitivity.importance[n], seed=seed, name=n)
         for o, pal in zip(plain, pals):
             per_sample = sensitivity.estimate(n, pal, per_sample=True)
             err = float(np.average(per_sample, weights=sensitivity.sample_size))
@@ -286,8 +176,132 @@ def _bits(nbytes: int, numel: int) -> float:
     return 8 * nbytes / numel
 
 
-def layer_options(model: nn.Module, targets: Mapping[str, nn.Module], sensitivity: Any) -> dict[str, list[Option]]:
-    """Every layer's choices: 16 bits, or each probed spec that applies, with predicted errors."""
+def allocate(
+    sensitivity: Sensitivity,
+    base: Recipe,
+    budget_gb: float | None = None,
+    *,
+    budget_bits: float | None = None,
+    options: Mapping[str, Sequence[Option]] | None = None,
+    max_chunk_bytes: int | None = None,
+) -> Recipe:
+    """The recipe with the least predicted output error whose stored size fits the budget: `base`
+    (the model's recipe with every target at 16 bits, `Recipe.dense`) with each layer's spec chosen
+    from `options` (default: `layer_options` of the sensitivity). Pure: no model run.
+
+    `budget_gb`: decimal GB of the whole model as stored (palettized weights, LUTs, scales, and
+    every other parameter at 16 bits). `budget_bits`: average bits per target weight instead.
+    `max_chunk_bytes` rules out any option storing more than that in one weight. Its
+    `predicted_psnr` is the additive estimate (`calibrate_recipe` measures it)."""
+    if (budget_gb is None) == (budget_bits is None):
+        raise ValueError("give exactly one of budget_gb (whole model, decimal GB) or budget_bits")
+    budget = budget_gb if budget_gb is not None else budget_bits
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"the budget must be a positive number, got {budget!r}")
+    opts = dict(options) if options is not None else layer_options(sensitivity, list(base.layers))
+    if max_chunk_bytes is not None:
+        opts = {n: [o for o in os_ if o.nbytes <= max_chunk_bytes] or list(os_) for n, os_ in opts.items()}
+    fixed = base.fixed_bytes
+    numel = sum(math.prod(s) for s in base.shapes.values())
+    full = fixed + 2 * numel
+    smallest = fixed + sum(min(o.nbytes for o in layer) for layer in opts.values())
+    capacity = int(budget_gb * GB) if budget_gb is not None else fixed + int(budget_bits * numel / 8)
+    info: dict[str, Any] = {
+        **base.info,
+        "budget": {"gb": budget_gb, "bits": budget_bits, "bytes": capacity},
+        "method": sensitivity.method,
+        "candidates": sorted({o.spec.label for layer in opts.values() for o in layer if o.spec}),
+        "probe_inputs": sensitivity.inputs_description,
+    }
+    recipe = dataclasses.replace(base, layers=dict(base.layers), info=info, luts={})
+    if capacity < smallest:
+        raise ValueError(
+            f"the budget ({capacity / GB:.6f} GB, {_bits(capacity - fixed, numel):.3f} bits per "
+            f"weight) is below the smallest size reachable with these candidates: "
+            f"{smallest / GB:.6f} GB ({_bits(smallest - fixed, numel):.3f} bits per weight, every "
+            f"layer at its smallest spec; {fixed / GB:.6f} GB of other parameters stay at 16 bits)"
+        )
+    if capacity >= full:
+        note = (f"the budget ({capacity / GB:.6f} GB) holds the whole model at 16 bits "
+                f"({full / GB:.6f} GB): nothing is palettized")
+        warnings.warn(note, stacklevel=3)
+        info.update(note=note, gap=0.0)
+        recipe.predicted_psnr = None
+        return recipe
+    sol = solve(opts, capacity - fixed)
+    recipe.layers.update({n: o.spec for n, o in sol.choice.items()})
+    info.update(predicted_mse=sol.error, lower_bound_mse=sol.lower_bound, gap=sol.gap)
+    total = sum((o.per_sample for o in sol.choice.values() if o.spec is not None), np.zeros(len(sensitivity.peak)))
+    recipe.predicted_psnr = sensitivity.psnr_of(total)
+    recipe.luts = {n: o.lut for n, o in sol.choice.items() if o.lut is not None}
+    if max_chunk_bytes is not None:
+        info["max_chunk_bytes"] = max_chunk_bytes
+    assert recipe.size_bytes <= capacity
+    return recipe
+
+
+def calibrate_recipe(model: nn.Module, recipe: Recipe, probe: ProbeSet, sensitivity: Sensitivity) -> None:
+    """Measure the recipe on the probe set the sensitivity came from (two forward passes: with and
+    without it) and record that as its `predicted_psnr`; the additive first-order sum, optimistic at
+    low bits where layers' errors grow and interact nonlinearly, stays in `info["additive_psnr"]`.
+    A probe set other than the sensitivity's is not used, and `info["calibration"]` says so."""
+    recipe.info["additive_psnr"] = recipe.predicted_psnr
+    if probe.description != sensitivity.inputs_description:
+        recipe.info["calibration"] = (
+            f"not calibrated: the sensitivity was probed on {sensitivity.inputs_description!r}, "
+            f"these inputs are {probe.description!r}; pass the probe inputs to calibrate"
+        )
+        return
+    recipe.predicted_psnr = measure(model, recipe, probe).psnr
+    recipe.info["calibration"] = f"measured on the probe set ({probe.description}), 2 forward passes"
+
+
+def allocate_bits(
+    model: nn.Module,
+    budget_gb: float | None = None,
+    *,
+    budget_bits: float | None = None,
+    inputs: ProbeSet | Any = None,
+    sensitivity: Sensitivity | None = None,
+    candidates: Candidates | Sequence[PaletteSpec] | None = None,
+    method: str = "fast",
+    n_probes: int = 16,
+    seed: int = 0,
+    importance: bool = False,
+    max_chunk_bytes: int | None = None,
+    calibrate: bool = True,
+    cache: str | None = None,
+    progress: bool = True,
+) -> Recipe:
+    """The recipe with the least predicted output error whose stored size fits the budget:
+    probe (unless `sensitivity` is given) -> `allocate` -> `calibrate_recipe`.
+
+    `budget_gb`: decimal GB of the whole model as stored; `budget_bits`: average bits per target
+    weight instead. `inputs`: a `ProbeSet` (`make_probe_set`) or what it takes (None synthesises
+    data-free inputs), built once and used to probe and to calibrate. `candidates`: the layers and
+    specs that compete (`Candidates`; `APPLE` for recipes Apple's ml-stable-diffusion flow applies in
+    full). `importance=True` also scores, per layer and spec, k-means weighted by the probe's Fisher
+    importance, and keeps it (its LUT stored in the recipe) only where it predicts less error.
+    `calibrate=True` makes the recipe measured on the probe set its `predicted_psnr`; without the
+    probe set (a `sensitivity` from inputs not given here) the additive estimate is kept and
+    `info["calibration"]` says why. The model is not modified.
+    """
+    cands = as_candidates(candidates)
+    targets = cands.layers(model)
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has no Linear/Conv layers with >= {cands.min_numel} weights")
+    probe = None
+    try:
+        probe_seed = seed if sensitivity is None else sensitivity.seed
+        probe = inputs if isinstance(inputs, ProbeSet) else make_probe_set(model, inputs, seed=probe_seed)
+    except ValueError as e:
+        if sensitivity is None:
+            raise
+        no_probe = f"not calibrated: no probe inputs ({e})"
+    if sensitivity is None:
+        sensitivity = probe_sensitivity(model, probe, cands, method=method, n_probes=n_probes, seed=seed,
+                                        cache=cache, importance=importance, keep_sketch=importance,
+                                        progress=progress)
     missing = [n for n in targets if n not in sensitivity.layers]
     changed = [n for n in targets if n in sensitivity.layers
                and tuple(sensitivity.layers[n].shape) != tuple(targets[n].weight.shape)]
@@ -296,12 +310,19 @@ def layer_options(model: nn.Module, targets: Mapping[str, nn.Module], sensitivit
             f"the sensitivity does not match this model: {len(missing)} target layer(s) were not "
             f"probed {missing[:5]}, {len(changed)} changed shape {changed[:5]}; probe this model"
         )
-    out = {}
-    for n, m in targets.items():
-        opts = [Option(None, 2 * m.weight.numel(), 0.0)]
-        for i, spec in enumerate(sensitivity.specs):
-            if sensitivity.nbytes[n][i] is not None:
-                opts.append(Option(spec, sensitivity.nbytes[n][i], sensitivity.error(n, spec),
-                                   sensitivity.errors_per_sample(n, spec)))
-        out[n] = opts
-    return out
+    options = layer_options(sensitivity, list(targets))
+    if importance:
+        add_weighted_options(model, sensitivity, options, seed, progress)
+    base = Recipe.dense(model, targets, seed=seed)
+    recipe = allocate(sensitivity, base, budget_gb, budget_bits=budget_bits, options=options,
+                      max_chunk_bytes=max_chunk_bytes)
+    if calibrate and recipe.palettized:
+        if probe is None:
+            recipe.info["additive_psnr"] = recipe.predicted_psnr
+            recipe.info["calibration"] = no_probe
+        else:
+            calibrate_recipe(model, recipe, probe, sensitivity)
+    if max_chunk_bytes is not None:
+        example = inputs if isinstance(inputs, (torch.Tensor, tuple, dict)) else None
+        recipe.info["chunks"] = chunks_needed(layer_bytes_in_order(model, recipe, example), max_chunk_bytes)
+    return recipe

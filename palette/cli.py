@@ -12,287 +12,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import shlex
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from .palettize import apply_palettes, target_layers
+from .models.load import MODEL_HELP, PALETTES_FILE, Loaded, load_model
+from .palettize import palettize, target_layers
+from .recipe import APPLE, Candidates
 from .spec import GRANULARITIES, NBITS, PaletteSpec
 
 EXIT_USAGE = 2
 PLOT_BITS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-MODEL_HELP = (
-    "'default' (the embedded default UNet), 'minilm' (all-MiniLM-L6-v2), a local from_pretrained "
-    "directory, a Hugging Face hub id (e.g. stabilityai/stable-diffusion-2-1-base with --subfolder "
-    "unet), or a .safetensors file (with --config)"
-)
 
 
 class UsageError(ValueError):
     """A bad argument: printed as `palette: error: ...`, exit status 2."""
-
-
-# -- models ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Loaded:
-    """A model the CLI works on, with what probing, export and saving need to know about it."""
-
-    model: nn.Module
-    label: str
-    kind: str  # "unet", "text", "vae" or "module"
-    example: tuple[torch.Tensor, ...] = ()  # example inputs for Core ML export (batch of 1)
-    probe_extra: dict[str, Any] = field(default_factory=dict)  # text_encoder / tokenizer / scheduler
-    make_inputs: Callable[[int, int], Any] | None = None  # (samples, seed) -> probe inputs
-    owner: nn.Module | None = None  # what save_pretrained writes (the whole VAE for its decoder)
-
-    def probe_kwargs(self, samples: int, seed: int) -> dict[str, Any]:
-        """Keyword arguments for probe_sensitivity / measure: the same probe set for both."""
-        if self.make_inputs is not None:
-            return {"inputs": self.make_inputs(samples, seed)}
-        return {"n_samples": samples, **self.probe_extra}
-
-    def save_pretrained(self, path: Path) -> None:
-        owner = self.owner if self.owner is not None else self.model
-        if not hasattr(owner, "save_pretrained"):
-            raise UsageError(f"{type(owner).__name__} has no save_pretrained; use `palette export` instead")
-        owner.save_pretrained(path)
-
-
-class VaeDecoder(nn.Module):
-    """The part of a VAE that runs on device: latents -> image (post_quant_conv, then decoder),
-    named as in the VAE so that recipes match Apple's module names."""
-
-    def __init__(self, vae: nn.Module) -> None:
-        super().__init__()
-        self.post_quant_conv = getattr(vae, "post_quant_conv", None)
-        self.decoder = vae.decoder
-        self.latent_channels = vae.config.latent_channels
-        self.sample_size = vae.config.sample_size
-        self.scaling_factor = vae.config.scaling_factor
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
-
-
-def load_model(spec: str, subfolder: str | None = None, config: str | None = None) -> Loaded:
-    """Resolve `--model` (see MODEL_HELP) into a model in eval mode, float32, on the CPU."""
-    if spec == "default":
-        return _load_default()
-    if spec == "minilm":
-        from .models.minilm import load_minilm
-
-        model, tokenizer = load_minilm()
-        return Loaded(model, "all-MiniLM-L6-v2", "text", _text_example(model), {"tokenizer": tokenizer})
-    path = Path(spec)
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path, config)
-    if config is not None:
-        raise UsageError("--config applies to a .safetensors --model only")
-    if path.is_dir():
-        return _load_pretrained(str(path), subfolder, local=True)
-    if path.exists():
-        raise UsageError(f"--model {spec}: expected a directory or a .safetensors file")
-    if HUB_ID.match(spec):
-        return _load_pretrained(spec, subfolder, local=False)
-    raise UsageError(f"--model {spec}: no such file or directory. --model takes {MODEL_HELP}")
-
-
-def _load_default() -> Loaded:
-    from .models.default import WEIGHTS_DIR, default_probe_inputs, load_default
-
-    if not (WEIGHTS_DIR / "config.json").is_file():
-        raise UsageError(f"the default model's weights are missing from {WEIGHTS_DIR}; reinstall palette")
-    pipe = load_default()
-    unet = pipe.unet
-    example = _unet_example(unet, seq=16)
-
-    def inputs(samples: int, seed: int) -> Any:
-        return default_probe_inputs(n=samples, seed=seed, pipeline=pipe)
-
-    loaded = Loaded(unet, "default (palette's embedded UNet)", "unet", example, make_inputs=inputs)
-    loaded.pipeline = pipe  # type: ignore[attr-defined]  # the demo samples with it
-    return loaded
-
-
-def _read_config(name: str, subfolder: str | None, local: bool) -> dict[str, Any]:
-    """The component's config.json, from the directory or the hub; clear errors for what fails."""
-    if local:
-        root = Path(name)
-        cfg = root / (subfolder or "") / "config.json"
-        if not cfg.is_file():
-            if (root / "model_index.json").is_file():
-                parts = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
-                raise UsageError(
-                    f"{name} is a pipeline; choose a component with --subfolder ({', '.join(parts)})"
-                )
-            raise UsageError(f"{cfg} not found: --model must be a from_pretrained directory")
-        return json.loads(cfg.read_text())
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return json.loads(Path(hf_hub_download(name, "config.json", subfolder=subfolder)).read_text())
-    except LocalEntryNotFoundError:
-        raise UsageError(
-            f"cannot reach the Hugging Face hub for {name} and it is not in the local cache (no "
-            f"network, or HF_HUB_OFFLINE is set). Download it where there is access "
-            f"(`huggingface-cli download {name}`) and pass the local directory with --model, or "
-            "set HF_HUB_OFFLINE=1 to use a populated cache"
-        ) from None
-    except EntryNotFoundError:
-        raise UsageError(
-            f"{name} has no {subfolder + '/' if subfolder else ''}config.json; for a pipeline choose "
-            "a component with --subfolder (unet, text_encoder, vae)"
-        ) from None
-    except OSError as e:  # repository not found, gated, or a network failure
-        raise UsageError(f"cannot load {name} from the hub: {e}") from None
-
-
-def _load_pretrained(name: str, subfolder: str | None, local: bool) -> Loaded:
-    """A diffusers model (config `_class_name`) or a transformers one (`architectures`)."""
-    cfg = _read_config(name, subfolder, local)
-    kw: dict[str, Any] = {"subfolder": subfolder} if subfolder else {}
-    label = f"{name}{'/' + subfolder if subfolder else ''}"
-    if "_class_name" in cfg:
-        import diffusers
-
-        cls = getattr(diffusers, cfg["_class_name"], None)
-        if cls is None:
-            raise UsageError(f"{label}: diffusers has no class {cfg['_class_name']!r}")
-        model = cls.from_pretrained(name, torch_dtype=torch.float32, low_cpu_mem_usage=False, **kw).eval()
-        return _wrap_diffusers(model, label, name, subfolder)
-    if "architectures" in cfg or "model_type" in cfg:
-        import transformers
-
-        arch = (cfg.get("architectures") or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        model = (cls or transformers.AutoModel).from_pretrained(name, torch_dtype=torch.float32, **kw).eval()
-        tokenizer = _tokenizer(name, subfolder)
-        return Loaded(model, label, "text", _text_example(model), {"tokenizer": tokenizer} if tokenizer else {})
-    raise UsageError(f"{label}: config.json names neither a diffusers class nor a transformers architecture")
-
-
-def _tokenizer(name: str, subfolder: str | None) -> Any:
-    """The tokenizer stored with a text encoder (its own folder, or the pipeline's `tokenizer`)."""
-    from transformers import AutoTokenizer
-
-    sub = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}.get(subfolder or "", subfolder)
-    for candidate in dict.fromkeys([sub, subfolder]):
-        try:
-            return AutoTokenizer.from_pretrained(name, **({"subfolder": candidate} if candidate else {}))
-        except (OSError, ValueError, TypeError):
-            continue
-    return None
-
-
-def _wrap_diffusers(model: nn.Module, label: str, root: str, subfolder: str | None) -> Loaded:
-    from diffusers import UNet2DConditionModel
-
-    if isinstance(model, UNet2DConditionModel):
-        return Loaded(model, label, "unet", _unet_example(model), _pipeline_parts(model, root, subfolder))
-    if hasattr(model, "decoder") and hasattr(model.config, "latent_channels"):
-        dec = VaeDecoder(model).eval()
-        size = int(dec.sample_size if isinstance(dec.sample_size, int) else dec.sample_size[0]) // 8
-
-        def inputs(samples: int, seed: int) -> Any:
-            gen = torch.Generator().manual_seed(seed)
-            z = torch.randn((samples, dec.latent_channels, size, size), generator=gen) / dec.scaling_factor
-            return [(z[i : i + 1],) for i in range(samples)]
-
-        example = (torch.zeros(1, dec.latent_channels, size, size),)
-        return Loaded(dec, f"{label} (decoder)", "vae", example, make_inputs=inputs, owner=model)
-    return Loaded(model, label, "module")
-
-
-def _pipeline_parts(unet: nn.Module, root: str, subfolder: str | None) -> dict[str, Any]:
-    """The pipeline's text encoder, tokenizer and scheduler, for real prompt embeddings and the
-    model's own noise schedule when probing its UNet (skipped when absent or not matching)."""
-    if subfolder != "unet":
-        return {}
-    parts: dict[str, Any] = {}
-    try:
-        from diffusers import DDPMScheduler
-
-        parts["scheduler"] = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
-    except (OSError, ValueError):
-        pass
-    try:
-        from transformers import AutoModel, AutoTokenizer
-
-        encoder = AutoModel.from_pretrained(root, subfolder="text_encoder").eval()
-        if getattr(encoder.config, "hidden_size", None) == unet.config.cross_attention_dim:
-            parts["text_encoder"] = encoder
-            parts["tokenizer"] = AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
-    except (OSError, ValueError):
-        pass
-    return parts
-
-
-def _load_safetensors(path: Path, config: str | None) -> Loaded:
-    """Weights from a .safetensors file, architecture from a config.json (default: next to it)."""
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise UsageError(f"--model {path}: no such file")
-    cfg_path = Path(config) if config else path.with_name("config.json")
-    if not cfg_path.is_file():
-        raise UsageError(f"{path} needs its architecture: pass --config path/to/config.json")
-    cfg = json.loads(cfg_path.read_text())
-    if "_class_name" in cfg:
-        import diffusers
-
-        cls = getattr(diffusers, cfg["_class_name"], None)
-        if cls is None:
-            raise UsageError(f"{cfg_path}: diffusers has no class {cfg['_class_name']!r}")
-        model = cls.from_config(cfg)
-    elif "model_type" in cfg:
-        import transformers
-
-        model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(**cfg))
-    else:
-        raise UsageError(f"{cfg_path} names neither a diffusers class nor a transformers model_type")
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    if missing or unexpected:
-        raise UsageError(
-            f"{path} does not fit {type(model).__name__} from {cfg_path}: {len(missing)} missing "
-            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]} weight(s)"
-        )
-    model = model.float().eval()
-    if "_class_name" in cfg:
-        return _wrap_diffusers(model, str(path), str(path.parent), None)
-    return Loaded(model, str(path), "text", _text_example(model))
-
-
-def _unet_example(unet: nn.Module, seq: int = 77) -> tuple[torch.Tensor, ...]:
-    cfg = unet.config
-    if cfg.addition_embed_type is not None or cfg.class_embed_type is not None:
-        return ()  # SDXL-style extra conditioning: export from Python with your own inputs
-    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
-    gen = torch.Generator().manual_seed(0)
-    return (
-        torch.randn((1, cfg.in_channels, *size), generator=gen),
-        torch.tensor([500.0]),
-        torch.randn((1, seq, cfg.cross_attention_dim), generator=gen),
-    )
-
-
-def _text_example(model: nn.Module) -> tuple[torch.Tensor, ...]:
-    seq = min(77, int(getattr(model.config, "max_position_embeddings", 77)))
-    return (torch.ones((1, seq), dtype=torch.long),)
 
 
 # -- shared pieces -------------------------------------------------------------------------------
@@ -317,7 +57,22 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> int:
     return 0
 
 
-def _sensitivity(args: argparse.Namespace, loaded: Loaded):
+def _candidates(args: argparse.Namespace) -> Candidates:
+    """The candidate layers and specs the probe options (or `--apple-json`) ask for."""
+    if getattr(args, "apple_json", None):
+        bad = [b for b in args.nbits or () if b not in APPLE.nbits]
+        if bad or (args.granularity and set(args.granularity) != {"per_tensor"}):
+            raise UsageError(
+                f"--apple-json allocates what Apple's flow applies: per_tensor, --nbits among "
+                f"{' '.join(map(str, APPLE.nbits))}; drop --nbits {' '.join(map(str, bad)) or ''} / --granularity"
+            )
+        return Candidates(nbits=tuple(args.nbits or APPLE.nbits), granularities=APPLE.granularities,
+                          min_numel=APPLE.min_numel, types=APPLE.types)
+    return Candidates(nbits=tuple(args.nbits or NBITS), granularities=tuple(args.granularity or GRANULARITIES),
+                      group_size=args.group_size)
+
+
+def _sensitivity(args: argparse.Namespace, loaded: Loaded, probe):
     """Probe the model as the probe options say, or load `--sensitivity`."""
     from .probe import Sensitivity, probe_sensitivity
 
@@ -326,12 +81,11 @@ def _sensitivity(args: argparse.Namespace, loaded: Loaded):
         if importance:
             raise UsageError("--importance needs the probe's gradients: drop --sensitivity and probe here")
         return Sensitivity.load(_existing(args.sensitivity, "--sensitivity"))
-    _note(args, f"probing {len(target_layers(loaded.model))} layers ({args.method}, {args.samples} samples)...")
+    cands = _candidates(args)
+    _note(args, f"probing {len(cands.layers(loaded.model))} layers ({args.method}, {args.samples} samples)...")
     return probe_sensitivity(
-        loaded.model, method=args.method, nbits=tuple(args.nbits), granularities=tuple(args.granularity),
-        group_size=args.group_size, seed=args.seed, n_probes=args.probes, cache=args.cache,
+        loaded.model, probe, cands, method=args.method, seed=args.seed, n_probes=args.probes, cache=args.cache,
         importance=importance, keep_sketch=importance, progress=not args.quiet,
-        **loaded.probe_kwargs(args.samples, args.seed),
     )
 
 
@@ -343,8 +97,15 @@ def _existing(path: str, flag: str) -> Path:
 
 
 def _recipe(args: argparse.Namespace, loaded: Loaded):
+    """`--recipe`, checked against the model; without it (export, verify) None: the palettes the
+    model carries (a folder written by `palette apply`)."""
+    from .palettize import palettes_of
     from .recipe import ModelIdentity, Recipe
 
+    if args.recipe is None:
+        if not palettes_of(loaded.model):
+            raise UsageError(f"{loaded.label} carries no palettes: pass --recipe (or a folder written by `palette apply`)")
+        return None
     recipe = Recipe.load(_existing(args.recipe, "--recipe"))
     recipe.check(loaded.model)
     if recipe.model.fingerprint != ModelIdentity.of(loaded.model).fingerprint:
@@ -368,10 +129,10 @@ def _recipe_summary(recipe) -> dict[str, Any]:
     }
 
 
-def _measure(args: argparse.Namespace, loaded: Loaded, mapping) -> dict[str, float]:
-    from .measure import measure
+def _measure(loaded: Loaded, recipe, probe) -> dict[str, float]:
+    from .probe import measure
 
-    m = measure(loaded.model, mapping, seed=args.seed, **loaded.probe_kwargs(args.samples, args.seed))
+    m = measure(loaded.model, recipe, probe)
     return {"psnr": m.psnr, "mse": m.mse, "cosine": m.cosine}
 
 
@@ -385,7 +146,7 @@ def _mb(nbytes: int) -> str:
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Probe per-layer sensitivity and write it as JSON."""
     loaded = _model(args)
-    sens = _sensitivity(args, loaded)
+    sens = _sensitivity(args, loaded, loaded.probe_set(args.samples, args.seed))
     out = Path(args.output)
     sens.save(out)
     spec = PaletteSpec(4) if PaletteSpec(4) in sens.specs else sens.specs[0]
@@ -413,23 +174,33 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     from .allocate import allocate_bits
 
     loaded = _model(args)
-    sens = _sensitivity(args, loaded)
-    recipe = allocate_bits(loaded.model, args.budget_gb, budget_bits=args.budget_bits, sensitivity=sens,
-                           importance=args.importance, seed=args.seed, progress=not args.quiet,
-                           **loaded.probe_kwargs(args.samples, sens.seed))
+    probe = loaded.probe_set(args.samples, args.seed)
+    sens = _sensitivity(args, loaded, probe)
+    if sens.seed != args.seed:  # a --sensitivity probed with another seed: calibrate on its probe set
+        probe = loaded.probe_set(args.samples, sens.seed)
+    recipe = allocate_bits(loaded.model, args.budget_gb, budget_bits=args.budget_bits, inputs=probe,
+                           sensitivity=sens, candidates=_candidates(args), importance=args.importance,
+                           seed=args.seed, progress=not args.quiet)
     out = Path(args.output)
     recipe.info["command"] = "palette " + shlex.join(args.argv)
+    if loaded.hub_id:
+        recipe.info["model_id"] = loaded.hub_id
     if args.measure:
         _note(args, "measuring the recipe's real output PSNR...")
-        recipe.info["measured"] = {**_measure(args, loaded, recipe.palettes(loaded.model)),
-                                   "samples": args.samples, "seed": args.seed}
+        recipe.info["measured"] = {**_measure(loaded, recipe, probe), "samples": args.samples, "seed": args.seed}
     recipe.save(out)
     result = {"path": str(out), "model": loaded.label, **_recipe_summary(recipe)}
     if args.measure:
         result["measured"] = recipe.info["measured"]
+    if args.apple_json:
+        from ._jsonio import write_atomic
+
+        apple = recipe.to_apple(model_version=args.model_version)
+        write_atomic(args.apple_json, json.dumps(apple, indent=1, sort_keys=True) + "\n")
+        result.update(apple_json=str(args.apple_json), apple_model_version=apple["model_version"])
     if args.plot != "none":
         plot = Path(args.plot or out.with_suffix(".png"))
-        _plot(loaded.model, plot, sens, args, loaded)
+        _plot(loaded, plot, sens, probe, args)
         result["plot"] = str(plot)
     lines = [
         f"{loaded.label}: {result['layers']} layers -> {_mb(recipe.size_bytes)} "
@@ -439,40 +210,45 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     ]
     if args.measure:
         lines.append(f"measured latent PSNR: {result['measured']['psnr']:.2f} dB")
+    if args.apple_json:
+        lines.append(f"wrote {args.apple_json} (Apple's pre-analysis JSON, model_version {result['apple_model_version']})")
     lines.append(f"wrote {out}" + (f" and {result['plot']}" if "plot" in result else ""))
     return _emit(args, result, "\n".join(lines))
 
 
-def _plot(model: nn.Module, path: Path, sens, args: argparse.Namespace, loaded: Loaded) -> None:
+def _plot(loaded: Loaded, path: Path, sens, probe, args: argparse.Namespace) -> None:
     """The PSNR-vs-size plot; by default its mixed-bit budgets start half a bit above the
     fewest candidate bits (below that no recipe fits)."""
+    from .experiments import psnr_size_curve
     from .plot import plot_psnr_vs_size
 
     low = min(s.nbits for s in sens.specs) + 0.5
     bits = args.plot_bits or [b for b in PLOT_BITS if b >= low]
     _note(args, f"measuring the PSNR-vs-size curve ({len(bits)} mixed-bit budgets and uniform palettes)...")
-    plot_psnr_vs_size(model, path, sensitivity=sens, bits=bits, seed=args.seed,
-                      **loaded.probe_kwargs(args.samples, args.seed))
+    plot_psnr_vs_size(path, psnr_size_curve(loaded.model, sens, probe, bits, seed=args.seed))
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    """Palettize the model as the recipe says and save it with from_pretrained-ready weights."""
+    """Palettize the model as the recipe says and save it with from_pretrained-ready weights and
+    the palettes it carries beside them."""
+    from .export import export_palettes
+
     loaded = _model(args)
     recipe = _recipe(args, loaded)
     result: dict[str, Any] = {"model": loaded.label, **_recipe_summary(recipe)}
-    palettes = recipe.palettes(loaded.model)
     if args.measure:
-        result["measured"] = _measure(args, loaded, palettes)
-    apply_palettes(loaded.model, palettes)
+        result["measured"] = _measure(loaded, recipe, loaded.probe_set(args.samples, args.seed))
+    palettes = palettize(loaded.model, recipe, progress=not args.quiet)
     out = Path(args.output)
     loaded.save_pretrained(out)
+    export_palettes(loaded.model, out / PALETTES_FILE)
     result.update(path=str(out), palettized=len(palettes))
     text = (f"palettized {len(palettes)} of {len(recipe.layers)} layers "
             f"({recipe.bits_per_weight:.3f} bits per weight, {_mb(recipe.size_bytes)} as stored)")
     if args.measure:
         text += f"; measured latent PSNR {result['measured']['psnr']:.2f} dB"
-    text += (f"\nwrote {out} (weights equal LUT[indices], dense: load it with from_pretrained; "
-             "`palette export` writes the compact forms)")
+    text += (f"\nwrote {out} (weights equal LUT[indices], dense: load it with from_pretrained; its palettes "
+             f"are in {PALETTES_FILE}, which `palette export --model {out}` picks up)")
     return _emit(args, result, text)
 
 
@@ -481,12 +257,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     loaded = _model(args)
     recipe = _recipe(args, loaded)
     out = Path(args.output)
-    result: dict[str, Any] = {"model": loaded.label, "path": str(out), **_recipe_summary(recipe)}
+    result: dict[str, Any] = {"model": loaded.label, "path": str(out),
+                              **(_recipe_summary(recipe) if recipe is not None else {})}
     if out.suffix == ".safetensors":
         from .export import export_palettes
 
-        result["file_bytes"] = export_palettes(recipe.palettes(loaded.model), out)
-        text = f"wrote {out}: {result['file_bytes']:,} bytes of palettes for {len(recipe.palettized)} layers"
+        result["file_bytes"] = export_palettes(loaded.model, out, recipe)
+        text = f"wrote {out}: {result['file_bytes']:,} bytes of palettes"
         return _emit(args, result, text)
     if out.suffix != ".mlpackage":
         raise UsageError(f"-o {out}: the output must end in .mlpackage (Core ML) or .safetensors (palettes)")
@@ -495,8 +272,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_coreml
 
     _note(args, "tracing and converting to Core ML (about half a minute for a small UNet)...")
-    report = export_coreml(loaded.model, out, loaded.example, recipe=recipe.palettes(loaded.model),
-                           max_chunk_bytes=_chunk_bytes(args))
+    report = export_coreml(loaded.model, out, loaded.example, recipe=recipe, max_chunk_bytes=_chunk_bytes(args))
     result.update(
         verified=True, palettized=report.n_palettized, kept=report.n_kept,
         stored_palettized_bytes=report.stored_palettized_bytes,
@@ -512,9 +288,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check that an mlpackage or a palettes file holds exactly what the recipe gives the model."""
     path = _existing(args.path, "verify")
+    from .palettize import planned_palettes
+
     loaded = _model(args)
-    recipe = _recipe(args, loaded)
-    palettes = recipe.palettes(loaded.model)
+    palettes = planned_palettes(loaded.model, _recipe(args, loaded))
     result: dict[str, Any] = {"path": str(path), "model": loaded.label, "palettized": len(palettes)}
     if path.suffix == ".safetensors":
         from .export import load_palettes
@@ -625,10 +402,10 @@ def _probe_options() -> argparse.ArgumentParser:
     g = p.add_argument_group("probing")
     g.add_argument("--method", choices=("fast", "exhaustive"), default="fast",
                    help="fast: 1 forward + --probes backward passes; exhaustive: one forward per layer and spec")
-    g.add_argument("--nbits", type=int, nargs="+", choices=NBITS, default=list(NBITS), metavar="N",
-                   help=f"candidate bit-widths, among {' '.join(map(str, NBITS))}")
-    g.add_argument("--granularity", nargs="+", choices=GRANULARITIES, default=list(GRANULARITIES),
-                   metavar="G", help="candidate LUT granularities: per_tensor, per_grouped_channel")
+    g.add_argument("--nbits", type=int, nargs="+", choices=NBITS, metavar="N",
+                   help=f"candidate bit-widths, among {' '.join(map(str, NBITS))} (default: all)")
+    g.add_argument("--granularity", nargs="+", choices=GRANULARITIES, metavar="G",
+                   help="candidate LUT granularities: per_tensor, per_grouped_channel (default: both)")
     g.add_argument("--group-size", type=_positive, default=16, metavar="N",
                    help="output channels per LUT (per_grouped_channel)")
     g.add_argument("--samples", type=_positive, default=8, metavar="N", help="probe samples (data-free, synthesised)")
@@ -707,9 +484,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also try Fisher-weighted k-means per layer, kept where predicted better (fast method)")
     p.add_argument("--measure", action="store_true",
                    help="also measure the recipe's real output PSNR (recorded in the recipe's info)")
+    p.add_argument("--apple-json", metavar="PATH",
+                   help="allocate only what Apple's ml-stable-diffusion flow applies in full (Linear/Conv2d "
+                   "above 1e5 weights, per-tensor 1/2/4/6/8 bits) and also write the recipe as its "
+                   "pre-analysis JSON for mixed_bit_compression_apply.py")
+    p.add_argument("--model-version", metavar="HUB_ID",
+                   help="the model_version of --apple-json: the hub id Apple's scripts load (default: "
+                   "--model when it is a hub id)")
 
     recipe_opts = argparse.ArgumentParser(add_help=False)
     recipe_opts.add_argument("--recipe", required=True, metavar="JSON", help="recipe JSON from `palette allocate`")
+    carried_opts = argparse.ArgumentParser(add_help=False)
+    carried_opts.add_argument("--recipe", metavar="JSON",
+                              help="recipe JSON from `palette allocate` (default: the palettes the model carries, "
+                              "e.g. a folder written by `palette apply`)")
 
     p = add("apply", cmd_apply, "palettize a model as a recipe says and save it (from_pretrained format)",
             [common, recipe_opts])
@@ -719,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the probe inputs for --measure")
 
     p = add("export", cmd_export, "export a verified Core ML mlpackage or the palettes as safetensors",
-            [common, recipe_opts])
+            [common, carried_opts])
     p.add_argument("-o", "--output", required=True, metavar="PATH",
                    help="NAME.mlpackage (Core ML) or NAME.safetensors (palettes)")
     chunk = p.add_mutually_exclusive_group()
@@ -730,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     chunk.add_argument("--max-chunk-bytes", type=_positive, metavar="N", help="the same limit in bytes")
 
     p = add("verify", cmd_verify, "check an mlpackage or palettes file bit for bit against a recipe and model",
-            [common, recipe_opts])
+            [common, carried_opts])
     p.add_argument("path", help="the .mlpackage or .safetensors to check")
 
     p = add("bench", cmd_bench, "run the benchmarks in benchmarks/ (source checkout)", [_common(model=False)])

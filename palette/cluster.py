@@ -5,6 +5,7 @@ No torch.nn knowledge here: a weight is a tensor whose axis 0 is the output chan
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +57,35 @@ class Palette:
         if self.scale is not None:
             w = (w.float() * self.scale.float()[:, None]).half()
         return w.reshape(self.shape)
+
+
+def check_palette(pal: Palette, name: str, weight_shape: tuple[int, ...] | None = None) -> None:
+    """Raise ValueError if `pal` is not a well-formed palette (of a weight of `weight_shape`)."""
+    if not isinstance(pal, Palette):
+        raise ValueError(f"{name}: expected a Palette, got {type(pal).__name__}")
+    spec = pal.spec
+    shape = pal.shape
+    if weight_shape is not None and (
+        shape[0] != weight_shape[0] or math.prod(shape) != math.prod(weight_shape)
+    ):
+        raise ValueError(f"{name}: palette shape {shape} does not fit weight shape {weight_shape}")
+    groups = spec.n_groups(shape[0], name)
+    want_lut = (groups, spec.n_entries, spec.cluster_dim)
+    if pal.lut.dtype != torch.float16 or tuple(pal.lut.shape) != want_lut:
+        raise ValueError(
+            f"{name}: LUT must be float16 of shape {want_lut}, got {pal.lut.dtype} {tuple(pal.lut.shape)}"
+        )
+    if pal.indices.dtype != torch.uint8:
+        raise ValueError(f"{name}: indices must be uint8, got {pal.indices.dtype}")
+    if pal.indices.numel() and int(pal.indices.max()) >= spec.n_entries:
+        raise ValueError(f"{name}: an index exceeds the {spec.n_entries}-entry LUT")
+    if not bool(torch.isfinite(pal.lut).all()):
+        raise ValueError(f"{name}: LUT has NaN/Inf entries")
+    if spec.per_channel_scale:
+        if pal.scale is None or pal.scale.dtype != torch.float16 or tuple(pal.scale.shape) != (shape[0],):
+            raise ValueError(f"{name}: per_channel_scale needs a float16 scale of shape ({shape[0]},)")
+    elif pal.scale is not None:
+        raise ValueError(f"{name}: has a scale but its spec says per_channel_scale=False")
 
 
 def check_weight(weight: torch.Tensor, name: str = "weight") -> None:

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cluster import Palette
-from .palettize import apply_palettes, keep_original, target_layers
-from .spec import NBITS, PaletteSpec
+from .palettize import palettized, target_layers
+from .recipe import Candidates, Recipe
+from .spec import PaletteSpec
 
 LOW_BITS = 3.0  # the second budget, in bits per weight
 
@@ -44,7 +44,7 @@ FAST = Settings(samples=1, probes=2, prompts=3, steps=6, plot_bits=(3.0, 4.0), g
 @dataclass
 class Variant:
     name: str
-    palettes: dict[str, Palette]
+    recipe: Recipe | None  # None: the 16-bit model
     size_bytes: int
     bits_per_weight: float
     predicted_psnr: float | None = None
@@ -55,11 +55,9 @@ class Variant:
 
 def run_demo(args: argparse.Namespace) -> int:
     from .allocate import allocate_bits
-    from .cli import load_model
-    from .measure import measure
     from .models.data import split_scenes
-    from .probe import probe_sensitivity
-    from .recipe import from_mapping
+    from .models.load import load_model
+    from .probe import measure, probe_sensitivity
 
     t_start = time.perf_counter()
     cfg = FAST if args.fast else FULL
@@ -79,44 +77,43 @@ def run_demo(args: argparse.Namespace) -> int:
 
     stage("load")
     loaded = load_model("default")
-    unet, pipe = loaded.model, loaded.pipeline  # type: ignore[attr-defined]
-    inputs = loaded.probe_kwargs(cfg.samples, args.seed)["inputs"]
+    unet, pipe = loaded.model, loaded.pipeline
+    probe = loaded.probe_set(cfg.samples, args.seed)
     done("load")
 
     stage("probe")
-    sens = probe_sensitivity(unet, inputs, nbits=NBITS, granularities=cfg.granularities,
+    sens = probe_sensitivity(unet, probe, Candidates(granularities=cfg.granularities),
                              n_probes=cfg.probes, seed=args.seed, progress=not args.quiet)
     sens.save(out / "sensitivity.json")
     done("probe")
 
     stage("allocate")
-    uniform = from_mapping(unet, {n: PaletteSpec(4) for n in target_layers(unet)}, seed=args.seed)
+    uniform = Recipe.from_specs(unet, PaletteSpec(4), seed=args.seed)
     recipes = {
         "palette mixed, same size": allocate_bits(unet, budget_gb=uniform.size_bytes / 1e9, sensitivity=sens,
                                                   seed=args.seed, progress=False),
         f"palette mixed, {LOW_BITS:g} bits": allocate_bits(unet, budget_bits=LOW_BITS, sensitivity=sens,
                                                           seed=args.seed, progress=False),
     }
-    variants = [Variant("16-bit", {}, uniform.size_16bit_bytes, 16.0),
-                Variant("uniform 4-bit", uniform.palettes(unet), uniform.size_bytes,
+    variants = [Variant("16-bit", None, uniform.size_16bit_bytes, 16.0),
+                Variant("uniform 4-bit", uniform, uniform.size_bytes,
                         uniform.bits_per_weight, sens.predict_psnr(uniform.palettized))]
     for (name, recipe), file in zip(recipes.items(), ("recipe_same_size.json", f"recipe_{LOW_BITS:g}bit.json")):
         recipe.save(out / file)
-        variants.append(Variant(name, recipe.palettes(unet), recipe.size_bytes, recipe.bits_per_weight,
+        variants.append(Variant(name, recipe, recipe.size_bytes, recipe.bits_per_weight,
                                 recipe.predicted_psnr, recipe_path=str(out / file)))
     done("allocate")
 
     stage("measure")
     for v in variants[1:]:
-        v.measured_psnr = measure(unet, v.palettes, inputs, seed=args.seed).psnr
+        v.measured_psnr = measure(unet, v.recipe, probe).psnr
     done("measure")
 
     stage("sample")
     prompts = [s.caption for s in split_scenes()[1][: cfg.prompts]]
     images = []
     for v in variants:
-        with keep_original(unet, list(v.palettes)):
-            apply_palettes(unet, v.palettes)
+        with palettized(unet, v.recipe.palettes(unet) if v.recipe is not None else {}):
             images.append(pipe(prompts, steps=cfg.steps, seed=args.seed))
     for v, imgs in zip(variants[1:], images[1:]):
         v.image_psnr = image_psnr(imgs, images[0])
@@ -125,10 +122,11 @@ def run_demo(args: argparse.Namespace) -> int:
     done("sample")
 
     stage("plot")
+    from .experiments import psnr_size_curve
     from .plot import plot_psnr_vs_size
 
     plot = out / "demo_psnr_vs_size.png"
-    plot_psnr_vs_size(unet, plot, sensitivity=sens, inputs=inputs, bits=cfg.plot_bits, seed=args.seed)
+    plot_psnr_vs_size(plot, psnr_size_curve(unet, sens, probe, cfg.plot_bits, seed=args.seed))
     done("plot")
 
     files = {"sensitivity": str(out / "sensitivity.json"), "grid": str(grid), "plot": str(plot),
@@ -140,7 +138,7 @@ def run_demo(args: argparse.Namespace) -> int:
         stage("export")
         mixed = variants[2]
         path = out / "default_unet_mixed.mlpackage"
-        report = export_coreml(unet, path, loaded.example, recipe=mixed.palettes)
+        report = export_coreml(unet, path, loaded.example, recipe=mixed.recipe)
         export = {"path": str(path), "palettized": report.n_palettized, "kept": report.n_kept,
                   "stored_palettized_bytes": report.stored_palettized_bytes,
                   "predicted_palettized_bytes": report.predicted_palettized_bytes, "verified": True}
@@ -150,7 +148,7 @@ def run_demo(args: argparse.Namespace) -> int:
     total = round(time.perf_counter() - t_start, 1)
     summary = {
         "model": loaded.label, "layers": len(target_layers(unet)), "probe": sens.inputs_description,
-        "variants": [{k: v for k, v in vars(x).items() if k != "palettes"} for x in variants],
+        "variants": [{k: v for k, v in vars(x).items() if k != "recipe"} for x in variants],
         "export": export, "files": files, "seconds": {**seconds, "total": total},
     }
     if args.json:

@@ -1,36 +1,195 @@
-"""`Recipe`: the palettization choice for every target layer of a model, as a checked JSON file.
+"""`Recipe`: the one plan that passes between palette's stages -- which layers are targets and the
+palettization spec of each -- with its exact size, its predicted PSNR, and a checked JSON file.
 
 A recipe names layers by fully-qualified module name and records each one's weight shape, so it
 applies to any model of the same architecture (a fine-tune included) and refuses one whose names
-or shapes differ. It also records what it predicts (stored size, latent PSNR) and where it came
-from (model identity, palette version, seed), and converts to and from Apple ml-stable-diffusion's
-mixed-bit pre-analysis JSON.
+or shapes differ. `Recipe.from_specs` builds one from a spec or a mapping, as torchao's
+`FqnToConfig` and coremltools' `OptimizationConfig` do (exact names first, then regular
+expressions in order, then module types); `Recipe.palettes` fits its palettes (the one loop that
+does); `palettize`, `measure` and the exporters take a Recipe. It also converts to and from Apple
+ml-stable-diffusion's mixed-bit pre-analysis JSON.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from . import metadata
 from ._jsonio import read_json, write_atomic
+from ._version import __version__
 from .cluster import Palette, fit_palettes_batch, palette_from_lut
-from .measure import Measurement, measure
-from .palettize import DEFAULT_MIN_NUMEL, apply_palettes, batches, target_layers
-from .spec import NBITS, PaletteSpec
+from .spec import DEFAULT_GROUP_SIZE, GRANULARITIES, NBITS, PaletteSpec
 
 FORMAT = "palette.recipe"
 VERSION = 1
 APPLE_NBITS = (1, 2, 4, 6, 8)  # what ml-stable-diffusion's MBP flow accepts (16: keep fp16)
+APPLE_MIN_NUMEL = 100_001  # its pre-analysis and apply step palettize weights above 1e5 elements only
+TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# coremltools' own `weight_threshold`: every real layer of a UNet, text encoder or VAE decoder, only
+# tiny ones left out (Apple's MBP uses 1e5, which would skip whole small models).
+DEFAULT_MIN_NUMEL = 2048
+BATCH_NUMEL = 1 << 25  # weights clustered per parallel call: both cores busy, memory bounded
+
+SpecMapping = Mapping[Any, "PaletteSpec | None"]  # keys: layer names, regular expressions, module types
+
+
+def target_layers(
+    model: nn.Module, min_numel: int = DEFAULT_MIN_NUMEL, types: tuple[type, ...] = TARGET_TYPES
+) -> dict[str, nn.Module]:
+    """Target layers by fully-qualified name, in module order: `nn.Linear`, `nn.Conv1d` and
+    `nn.Conv2d` (subclasses included) whose weight has at least `min_numel` elements."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, types)
+        and isinstance(getattr(m, "weight", None), torch.Tensor)
+        and m.weight.numel() >= min_numel
+    }
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Which layers compete for bits and which specs each may take: `specs` if given, else every
+    `nbits` x `granularities` (grouped by `group_size` output channels). A spec that does not fit a
+    layer's shape is left out for that layer."""
+
+    nbits: tuple[int, ...] = NBITS
+    granularities: tuple[str, ...] = GRANULARITIES
+    group_size: int = DEFAULT_GROUP_SIZE
+    specs: tuple[PaletteSpec, ...] = ()
+    min_numel: int = DEFAULT_MIN_NUMEL
+    types: tuple[type, ...] = TARGET_TYPES
+
+    def spec_list(self) -> list[PaletteSpec]:
+        if self.specs:
+            out = list(dict.fromkeys(self.specs))
+            for s in out:
+                if not isinstance(s, PaletteSpec):
+                    raise ValueError(f"specs must be PaletteSpec objects, got {type(s).__name__}")
+            return out
+        for b in self.nbits:
+            if b not in NBITS:
+                raise ValueError(f"nbits must be among {NBITS}, got {b!r}")
+        out = [PaletteSpec(nbits=b, granularity=g, group_size=self.group_size if g == "per_grouped_channel" else None)
+               for g in self.granularities for b in self.nbits]
+        if not out:
+            raise ValueError("no candidate specs")
+        return out
+
+    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The model's target layers under these candidates."""
+        return target_layers(model, self.min_numel, self.types)
+
+
+def fixed_bytes(model: nn.Module, targets: Mapping[str, nn.Module]) -> int:
+    """Bytes of every parameter that is not a target weight, stored at 16 bits."""
+    target_weights = {id(m.weight) for m in targets.values()}
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen and id(p) not in target_weights:
+            seen.add(id(p))
+            total += 2 * p.numel()
+    return total
+
+
+def layer_bytes(spec: PaletteSpec | None, shape: tuple[int, ...]) -> int:
+    """Stored bytes of one target weight: its palette, or 16 bits a weight when kept."""
+    return 2 * math.prod(shape) if spec is None else spec.nbytes(shape)
+
+
+def batches(names: Sequence[str], sizes: Sequence[int], limit: int = BATCH_NUMEL) -> Iterator[list[str]]:
+    """Consecutive runs of names whose sizes add up to at most `limit` (at least one each)."""
+    run: list[str] = []
+    total = 0
+    for name, size in zip(names, sizes):
+        if run and total + size > limit:
+            yield run
+            run, total = [], 0
+        run.append(name)
+        total += size
+    if run:
+        yield run
+
+
+def resolve_specs(
+    model: nn.Module,
+    spec_or_mapping: PaletteSpec | SpecMapping,
+    min_numel: int = DEFAULT_MIN_NUMEL,
+) -> dict[str, PaletteSpec]:
+    """{layer name: spec} for the target layers a spec or a mapping selects, in module order.
+
+    A mapping's keys are fully-qualified names, regular expressions (full match) or module types;
+    an exact name wins, then the first matching expression in order, then the most specific type.
+    A value of None keeps that layer at 16 bits. An exact name may name a Linear/Conv layer below
+    `min_numel`. A key that selects no layer is an error, so that a typo never silently leaves a
+    layer uncompressed.
+    """
+    targets = target_layers(model, min_numel)
+    if isinstance(spec_or_mapping, PaletteSpec):
+        return {name: spec_or_mapping for name in targets}
+    if not isinstance(spec_or_mapping, Mapping):
+        raise ValueError(
+            f"expected a PaletteSpec or a mapping of layer names, patterns or module types to specs, "
+            f"got {type(spec_or_mapping).__name__}"
+        )
+    every = target_layers(model, 0)
+    exact: dict[str, PaletteSpec | None] = {}
+    patterns: list[tuple[str, re.Pattern, PaletteSpec | None]] = []
+    types: list[tuple[type, PaletteSpec | None]] = []
+    unused = []
+    for key, spec in spec_or_mapping.items():
+        if spec is not None and not isinstance(spec, PaletteSpec):
+            raise ValueError(f"{key!r}: expected a PaletteSpec or None, got {type(spec).__name__}")
+        if isinstance(key, type) and issubclass(key, nn.Module):
+            types.append((key, spec))
+        elif not isinstance(key, str):
+            raise ValueError(f"mapping keys are layer names, patterns or module types, got {key!r}")
+        elif key in every:
+            exact[key] = spec
+        else:
+            try:
+                patterns.append((key, re.compile(key), spec))
+            except re.error:
+                unused.append(key)
+    chosen = dict(exact)
+    for key, rx, spec in patterns:
+        hits = [n for n in targets if rx.fullmatch(n)]
+        if not hits:
+            unused.append(key)
+        for n in hits:
+            chosen.setdefault(n, spec)
+    for cls, spec in types:
+        hits = [n for n, m in targets.items() if isinstance(m, cls)]
+        if not hits:
+            unused.append(cls.__name__)
+    for n, m in targets.items():
+        if n not in chosen:
+            match = [(len(cls.__mro__), spec) for cls, spec in types if isinstance(m, cls)]
+            if match:
+                chosen[n] = max(match, key=lambda t: t[0])[1]
+    if unused:
+        sample = ", ".join(list(targets)[:5])
+        raise ValueError(
+            f"{len(unused)} key(s) match no target layer of {type(model).__name__}: {unused[:10]}. "
+            f"Target layers are Linear/Conv1d/Conv2d with >= {min_numel} weights, "
+            f"named like: {sample}"
+        )
+    return {n: chosen[n] for n in every if chosen.get(n) is not None}
 
 
 @dataclass(frozen=True)
@@ -53,23 +212,6 @@ class ModelIdentity:
         return cls(type(model).__name__, count, "sha256:" + h.hexdigest())
 
 
-def fixed_bytes(model: nn.Module, targets: Mapping[str, nn.Module]) -> int:
-    """Bytes of every parameter that is not a target weight, stored at 16 bits."""
-    target_weights = {id(m.weight) for m in targets.values()}
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen and id(p) not in target_weights:
-            seen.add(id(p))
-            total += 2 * p.numel()
-    return total
-
-
-def layer_bytes(spec: PaletteSpec | None, shape: tuple[int, ...]) -> int:
-    """Stored bytes of one target weight: its palette, or 16 bits a weight when kept."""
-    return 2 * math.prod(shape) if spec is None else spec.nbytes(shape)
-
-
 @dataclass
 class Recipe:
     """Per-layer specs (None: kept at 16 bits) with the size and PSNR they are predicted to give."""
@@ -83,6 +225,44 @@ class Recipe:
     palette_version: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # budget, method, gap, chunks, notes
     luts: dict[str, torch.Tensor] = field(default_factory=dict)  # stored LUTs (weighted k-means)
+
+    @classmethod
+    def from_specs(
+        cls,
+        model: nn.Module,
+        spec_or_mapping: PaletteSpec | SpecMapping,
+        *,
+        min_numel: int = DEFAULT_MIN_NUMEL,
+        predicted_psnr: float | None = None,
+        seed: int = 0,
+        info: dict[str, Any] | None = None,
+    ) -> "Recipe":
+        """The recipe for `model` that a spec (every target layer) or a mapping selects (see
+        `resolve_specs`); target layers it does not select stay at 16 bits."""
+        specs = resolve_specs(model, spec_or_mapping, min_numel)
+        every = target_layers(model, 0)
+        named = set(spec_or_mapping) if isinstance(spec_or_mapping, Mapping) else set()
+        targets = {n: m for n, m in every.items() if m.weight.numel() >= min_numel or n in named}
+        recipe = cls.dense(model, targets, predicted_psnr=predicted_psnr, seed=seed, info=info)
+        for n, s in specs.items():
+            s.n_groups(recipe.shapes[n][0], n)
+            recipe.layers[n] = s
+        return recipe
+
+    @classmethod
+    def dense(
+        cls,
+        model: nn.Module,
+        targets: Mapping[str, nn.Module],
+        *,
+        predicted_psnr: float | None = None,
+        seed: int = 0,
+        info: dict[str, Any] | None = None,
+    ) -> "Recipe":
+        """`targets` of `model` all kept at 16 bits: the plan an allocation starts from."""
+        shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
+        return cls({n: None for n in targets}, shapes, fixed_bytes(model, targets), ModelIdentity.of(model),
+                   predicted_psnr, seed, __version__, dict(info or {}))
 
     @property
     def size_bytes(self) -> int:
@@ -122,14 +302,17 @@ class Recipe:
             msg.append("compute a recipe for this model with allocate_bits")
             raise ValueError("\n".join(msg))
 
-    def palettes(self, model: nn.Module) -> dict[str, Palette]:
-        """The palette of every palettized layer of `model` (checked first): stored LUTs where the
-        recipe has them (importance-weighted k-means), the exact k-means of the spec elsewhere.
+    def palettes(self, model: nn.Module, *, progress: bool = False) -> dict[str, Palette]:
+        """The palette of every palettized layer of `model` (checked first), in module order:
+        stored LUTs where the recipe has them (importance-weighted k-means), the exact k-means of
+        the spec elsewhere; a layer that already carries a palette of the same layout keeps it
+        (fitting its palettized weights again would drift a scaled one). The model is not changed.
 
         A stored LUT was chosen for the weights the recipe was computed on; on other weights (a
         fine-tune) those layers are clustered again, unweighted, with a warning."""
         self.check(model)
         modules = dict(model.named_modules())
+        order = [n for n in modules if n in self.palettized]
         luts = self.luts
         if luts and ModelIdentity.of(model).fingerprint != self.model.fingerprint:
             warnings.warn(
@@ -137,19 +320,21 @@ class Recipe:
                 "they are clustered again (unweighted) for this model", stacklevel=2,
             )
             luts = {}
-        out = {n: palette_from_lut(modules[n].weight, self.layers[n], lut, name=n)  # type: ignore[arg-type]
-               for n, lut in luts.items()}
-        rest = [n for n in self.palettized if n not in out]
-        for batch in batches(rest, [modules[n].weight.numel() for n in rest]):
-            items = [(modules[n].weight, [self.layers[n]], None) for n in batch]
-            for n, (pal,) in zip(batch, fit_palettes_batch(items, seed=self.seed, names=batch)):
-                out[n] = pal
-        return {n: out[n] for n in self.palettized}
-
-    def validate(self, model: nn.Module, inputs: Any = None, **probe_kwargs: Any) -> Measurement:
-        """Measure the real latent PSNR (and MSE, cosine) of this recipe on `model`, left unchanged;
-        the size is exact by construction (`size_bytes`)."""
-        return measure(model, self.palettes(model), inputs, seed=self.seed, **probe_kwargs)
+        out: dict[str, Palette] = {}
+        for n in order:
+            m, spec = modules[n], self.layers[n]
+            if n in luts:
+                out[n] = palette_from_lut(m.weight, spec, luts[n], name=n)  # type: ignore[arg-type]
+            elif metadata.carries(m) and same_layout(metadata.spec_of(m, n), spec, m.weight.shape[0]):  # type: ignore[arg-type]
+                out[n] = dataclasses.replace(metadata.read(m, n), spec=spec)
+        rest = [n for n in order if n not in out]
+        with tqdm(total=len(rest), desc="fit palettes", disable=not progress, leave=False) as bar:
+            for batch in batches(rest, [modules[n].weight.numel() for n in rest]):
+                items = [(modules[n].weight, [self.layers[n]], None) for n in batch]
+                for n, (pal,) in zip(batch, fit_palettes_batch(items, seed=self.seed, names=batch)):
+                    out[n] = pal
+                bar.update(len(batch))
+        return {n: out[n] for n in order}
 
     # -- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -232,22 +417,50 @@ class Recipe:
         return cls.from_dict(read_json(path, "recipe", "; regenerate it with allocate_bits"), str(path))
 
     # -- Apple ml-stable-diffusion ---------------------------------------------------------------
-    def to_apple(self, name: str | None = None, model_version: str | None = None) -> dict[str, Any]:
+    def apple_size_bytes(self) -> int:
+        """The size of the model Apple's apply step makes of this recipe: it palettizes (per tensor)
+        only weights of more than 1e5 elements and leaves every other one at fp16."""
+        return self.fixed_bytes + sum(
+            layer_bytes(s if math.prod(self.shapes[n]) >= APPLE_MIN_NUMEL else None, self.shapes[n])
+            for n, s in self.layers.items()
+        )
+
+    def to_apple(self, name: str | None = None, model_version: str | None = None, *,
+                 allow_partial: bool = False) -> dict[str, Any]:
         """Apple's pre-analysis JSON with this recipe as one entry: {module_name: nbits or 16}.
 
-        Only per-tensor scalar palettes with nbits in {1, 2, 4, 6, 8} exist in Apple's format."""
+        Only per-tensor scalar palettes with nbits in {1, 2, 4, 6, 8} exist in Apple's format, and
+        its apply step palettizes only weights above 1e5 elements: a recipe that palettizes smaller
+        ones would be applied in part, so that is a ValueError naming them and the bytes it would
+        cost, unless `allow_partial` (then a warning). Recipes from
+        `allocate_bits(..., candidates=APPLE)` (CLI `--apple-json`) are applied in full.
+        `model_version` is the hub id Apple's scripts load (default: the recipe's `info["model_id"]`,
+        else the model class name)."""
         entry: dict[str, int] = {}
         for n, s in self.layers.items():
             if s is not None and (s.granularity != "per_tensor" or s.cluster_dim != 1
                                   or s.per_channel_scale or s.nbits not in APPLE_NBITS):
                 raise ValueError(
                     f"{n}: {s.label} has no equivalent in Apple's recipe format "
-                    f"(per-tensor, nbits in {APPLE_NBITS} only)"
+                    f"(per-tensor, nbits in {APPLE_NBITS} only); allocate with candidates=APPLE"
                 )
             entry[n] = 16 if s is None else s.nbits
+        dropped = [n for n, s in self.palettized.items() if math.prod(self.shapes[n]) < APPLE_MIN_NUMEL]
+        if dropped:
+            extra = self.apple_size_bytes() - self.size_bytes
+            msg = (
+                f"Apple's apply step palettizes only weights of more than 1e5 elements: it would leave "
+                f"{len(dropped)} palettized layer(s) of this recipe at fp16 ({', '.join(dropped[:5])}"
+                f"{' ...' if len(dropped) > 5 else ''}), {extra:,} B more: {self.apple_size_bytes():,} B "
+                f"instead of {self.size_bytes:,} B. Allocate with candidates=APPLE (CLI --apple-json) "
+                "for a recipe Apple's flow applies in full"
+            )
+            if not allow_partial:
+                raise ValueError(msg)
+            warnings.warn(msg, stacklevel=2)
         key = name or f"recipe_{self.bits_per_weight:.2f}_bit_mixedpalette"
-        return {"model_version": model_version or self.model.cls,
-                "baselines": {}, "recipes": {key: entry}}
+        version = model_version or self.info.get("model_id") or self.model.cls
+        return {"model_version": version, "baselines": {}, "recipes": {key: entry}}
 
     @classmethod
     def from_apple(cls, data: Mapping[str, Any], recipe_name: str, model: nn.Module) -> "Recipe":
@@ -265,7 +478,32 @@ class Recipe:
         unknown = [n for n in layers if n not in targets]
         if unknown:
             raise ValueError(f"{len(unknown)} module name(s) not in {type(model).__name__}: {unknown[:8]}")
-        return from_mapping(model, layers, info={"source": f"apple:{recipe_name}"})
+        return cls.from_specs(model, layers, info={"source": f"apple:{recipe_name}"})
+
+
+# What Apple's ml-stable-diffusion flow applies in full: its pre-analysis candidates (Linear and
+# Conv2d above 1e5 weights) at per-tensor 1, 2, 4, 6 or 8 bits.
+APPLE = Candidates(nbits=APPLE_NBITS, granularities=("per_tensor",), min_numel=APPLE_MIN_NUMEL,
+                   types=(nn.Linear, nn.Conv2d))
+
+
+def same_layout(a: PaletteSpec, b: PaletteSpec, out_channels: int) -> bool:
+    """Whether two specs store a weight of `out_channels` rows alike (same LUTs, vectors, scale)."""
+    return (a.nbits, a.cluster_dim, a.per_channel_scale, a.n_groups(out_channels)) == (
+        b.nbits, b.cluster_dim, b.per_channel_scale, b.n_groups(out_channels))
+
+
+def as_recipe(model: nn.Module, plan: "Recipe | PaletteSpec | SpecMapping", **kwargs: Any) -> Recipe:
+    """The Recipe a plan stands for: a Recipe as it is, a spec or a mapping through
+    `Recipe.from_specs(model, plan, **kwargs)`."""
+    if isinstance(plan, Recipe):
+        return plan
+    if isinstance(plan, Mapping) and any(isinstance(v, Palette) for v in plan.values()):
+        raise ValueError(
+            "fitted palettes are not a plan: write them with apply_palettes(model, palettes) and "
+            "pass the model, which then carries them"
+        )
+    return Recipe.from_specs(model, plan, **kwargs)
 
 
 def _lut(text: Any, spec: PaletteSpec | None, shape: tuple[int, ...], name: str) -> torch.Tensor:
@@ -288,42 +526,4 @@ def _int(x: Any, what: str) -> int:
     return x
 
 
-def from_mapping(
-    model: nn.Module,
-    mapping: Mapping[str, PaletteSpec | None],
-    *,
-    min_numel: int = DEFAULT_MIN_NUMEL,
-    predicted_psnr: float | None = None,
-    seed: int = 0,
-    info: dict[str, Any] | None = None,
-) -> Recipe:
-    """A recipe for `model` from {layer name: spec or None}; target layers not named stay at 16 bits."""
-    from . import __version__
-
-    targets = target_layers(model, min_numel)
-    extra = [n for n in mapping if n not in targets]
-    if extra:
-        targets = {**targets, **{n: m for n, m in target_layers(model, 0).items() if n in extra}}
-    unknown = [n for n in mapping if n not in targets]
-    if unknown:
-        raise ValueError(f"{len(unknown)} layer name(s) are not target layers of the model: {unknown[:8]}")
-    layers = {n: mapping.get(n) for n in targets}
-    shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
-    for n, s in layers.items():
-        if s is not None:
-            s.n_groups(shapes[n][0], n)
-    return Recipe(layers, shapes, fixed_bytes(model, targets), ModelIdentity.of(model),
-                  predicted_psnr, seed, __version__, dict(info or {}))
-
-
-def apply_recipe(model: nn.Module, recipe: Recipe) -> dict[str, Palette]:
-    """Palettize `model` in place as `recipe` says (names and shapes checked first); returns the
-    palettes by layer name."""
-    if not isinstance(recipe, Recipe):
-        raise ValueError(f"expected a Recipe (Recipe.load(path)), got {type(recipe).__name__}")
-    palettes = recipe.palettes(model)
-    apply_palettes(model, palettes)
-    return palettes
-
-
-__all__ = ["NBITS", "ModelIdentity", "Recipe", "apply_recipe", "from_mapping"]
+__all__ = ["APPLE", "NBITS", "Candidates", "ModelIdentity", "Recipe", "as_recipe", "resolve_specs", "target_layers"]

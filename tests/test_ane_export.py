@@ -27,7 +27,7 @@ def test_palettized_split_einsum_default_unet_exports_bit_exact(tmp_path) -> Non
             torch.tensor([500.0]),
             torch.randn(1, 16, cfg.cross_attention_dim),
         )
-        report = export_coreml(unet, tmp_path / "unet_ane.mlpackage", inputs, palettes)
+        report = export_coreml(unet, tmp_path / "unet_ane.mlpackage", inputs)  # the palettes it carries
         assert report.n_palettized == len(palettes)
         assert report.stored_palettized_bytes == sum(p.nbytes for p in palettes.values())
     finally:

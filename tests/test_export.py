@@ -31,7 +31,7 @@ from palette.export import (  # noqa: E402
     verify_mlpackage,
 )
 from palette.export.packing import pack_bits, unpack_bits  # noqa: E402
-from palette.export.recipe_input import recipe_palettes  # noqa: E402
+from palette.recipe import Recipe  # noqa: E402
 
 WEIGHT_BIN = Path("Data/com.apple.CoreML/weights/weight.bin")
 
@@ -110,10 +110,11 @@ def tiny_clip():
 def unet_export(tiny_unet, tmp_path_factory):
     """The tiny UNet exported once with the mixed recipe (palettes fitted once, reused)."""
     unet, inputs = tiny_unet
-    palettes = recipe_palettes(unet, mixed_recipe(unet))
+    recipe = Recipe.from_specs(unet, mixed_recipe(unet))
+    palettes = recipe.palettes(unet)
     before = snapshot(unet)
     path = tmp_path_factory.mktemp("unet") / "Unet.mlpackage"
-    report = export_coreml(unet, path, inputs, palettes)
+    report = export_coreml(unet, path, inputs, recipe)
     assert_unchanged(unet, before)
     return palettes, path, report
 
@@ -170,7 +171,7 @@ def test_safetensors_round_trip_is_exact_and_deterministic(tiny_unet, unet_expor
     palettes, _, _ = unet_export
     st1, st2 = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     size = export_palettes(palettes, st1)
-    export_palettes(unet, st2, recipe=palettes)
+    export_palettes(unet, st2, recipe=Recipe.from_specs(unet, mixed_recipe(unet)))
     assert st1.read_bytes() == st2.read_bytes()
     loaded = load_palettes(st1)
     assert list(loaded) == list(palettes)
@@ -351,7 +352,7 @@ def test_palettize_mlpackage_matches_by_content(tiny_unet, unet_export, tmp_path
     plain = export_coreml(unet, fp16, inputs)
     assert plain.n_palettized == 0 and plain.n_kept == len(target_layers(unet))
     before = snapshot(unet)
-    report = palettize_mlpackage(fp16, palettes, unet, tmp_path / "pal.mlpackage")
+    report = palettize_mlpackage(fp16, Recipe.from_specs(unet, mixed_recipe(unet)), unet, tmp_path / "pal.mlpackage")
     assert_unchanged(unet, before)
     assert report.n_palettized == len(palettes)
     assert report.n_kept == sum(s is None for s in mixed_recipe(unet).values())
@@ -446,7 +447,7 @@ def test_default_model_unet(tmp_path):
         name: None if i % 5 == 4 else PaletteSpec(4, "per_grouped_channel", 16) if i % 2 else PaletteSpec(6)
         for i, name in enumerate(target_layers(unet))
     }
-    palettes = recipe_palettes(unet, recipe)
+    palettes = Recipe.from_specs(unet, recipe).palettes(unet)
     cfg = unet.config
     inputs = (
         torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size),
@@ -454,7 +455,7 @@ def test_default_model_unet(tmp_path):
         torch.randn(1, 16, cfg.cross_attention_dim),
     )
     before = snapshot(unet)
-    report = export_coreml(unet, tmp_path / "default.mlpackage", inputs, palettes)
+    report = export_coreml(unet, tmp_path / "default.mlpackage", inputs, recipe)
     assert_unchanged(unet, before)
     assert report.n_palettized == len(palettes)
     assert report.stored_palettized_bytes == report.predicted_palettized_bytes

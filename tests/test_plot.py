@@ -1,22 +1,24 @@
-"""plot_psnr_vs_size writes a PNG and leaves the model's weights bit-identical."""
+"""The PSNR-vs-size experiment leaves the model's weights bit-identical, and the plot writes a PNG."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from palette import probe_sensitivity
-from palette.plot import linear8_palette, plot_psnr_vs_size
+from palette import Candidates, make_probe_set, probe_sensitivity
+from palette.experiments import linear8_palette, psnr_size_curve
+from palette.plot import plot_psnr_vs_size
 
 
 def test_plot_writes_png_and_keeps_weights(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)).eval()
-    inputs = (torch.randn(8, 64),)
+    probe = make_probe_set(model, (torch.randn(8, 64),))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    sens = probe_sensitivity(model, inputs, nbits=(1, 2, 4, 8), progress=False, n_probes=2)
-    out = plot_psnr_vs_size(model, tmp_path / "p.png", sensitivity=sens, inputs=inputs, bits=(2, 4),
-                            extra={"other": [(10_000, 20.0), (12_000, 30.0)]})
+    sens = probe_sensitivity(model, probe, Candidates(nbits=(1, 2, 4, 8), granularities=("per_tensor",)),
+                             progress=False, n_probes=2)
+    curve = psnr_size_curve(model, sens, probe, bits=(2, 4))
+    out = plot_psnr_vs_size(tmp_path / "p.png", curve, extra={"other": [(10_000, 20.0), (12_000, 30.0)]})
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -12,11 +12,16 @@ from torch import nn
 
 from palette.cluster import fit_palette
 from palette.metrics import cosine, mse, psnr, spearman
-from palette.probe import Sensitivity, probe_sensitivity
-from palette.probe_inputs import make_probe_set
+from palette.probe import Sensitivity, make_probe_set, probe_sensitivity
+from palette.recipe import Candidates
 from palette.spec import PaletteSpec
 
-FAST = dict(progress=False, n_probes=4, nbits=(2, 4))
+FAST = dict(progress=False, n_probes=4, candidates=Candidates(nbits=(2, 4), granularities=("per_tensor",)))
+
+
+def synth(model: nn.Module, n: int = 2, seed: int = 0, batch_size: int | None = None):
+    """Data-free probe inputs of `n` samples."""
+    return make_probe_set(model, seed=seed, n_samples=n, batch_size=batch_size)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -105,7 +110,7 @@ def test_weights_flags_grads_unchanged_after_probe(method: str) -> None:
         p.grad = torch.ones_like(p)
     unet.train()
     snap = snapshot(unet)
-    sens = probe_sensitivity(unet, method=method, n_samples=2, **FAST)
+    sens = probe_sensitivity(unet, synth(unet), method=method, **FAST)
     assert_unchanged(unet, snap)
     assert len(sens.layers) > 10 and "synthesised" in sens.inputs_description
 
@@ -135,7 +140,7 @@ def test_unchanged_when_interrupted_midway(method: str, exc: type[BaseException]
     # exhaustive: raise while some layer is palettized (3rd forward); fast: in the 2nd unit
     handle = raise_on_call(unet, "conv_out", 3 if method == "exhaustive" else 2, exc)
     with pytest.raises(exc):
-        probe_sensitivity(unet, method=method, n_samples=2, batch_size=1, **FAST)
+        probe_sensitivity(unet, synth(unet, batch_size=1), method=method, **FAST)
     handle.remove()
     assert_unchanged(unet, snap)
 
@@ -158,8 +163,8 @@ def test_unchanged_when_callable_input_raises() -> None:
 
 def test_same_seed_same_bytes_and_json_round_trip(tmp_path) -> None:
     unet = tiny_unet()
-    a = probe_sensitivity(unet, n_samples=2, seed=3, **FAST)
-    b = probe_sensitivity(unet, n_samples=2, seed=3, **FAST)
+    a = probe_sensitivity(unet, synth(unet, seed=3), seed=3, **FAST)
+    b = probe_sensitivity(unet, synth(unet, seed=3), seed=3, **FAST)
     a.save(tmp_path / "a.json")
     b.save(tmp_path / "b.json")
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
@@ -171,7 +176,7 @@ def test_same_seed_same_bytes_and_json_round_trip(tmp_path) -> None:
     assert c.predict_psnr(mapping) == a.predict_psnr(mapping)
     first = next(iter(a.layers))
     assert c.error(first, spec) == a.error(first, spec)
-    other = probe_sensitivity(unet, n_samples=2, seed=4, **FAST)
+    other = probe_sensitivity(unet, synth(unet, seed=4), seed=4, **FAST)
     assert other.predict_psnr(mapping) != a.predict_psnr(mapping)
 
 
@@ -194,7 +199,8 @@ def test_cache_resumes_to_the_same_result(tmp_path) -> None:
     handle.remove()
     resumed = probe_sensitivity(model, inputs, method="exhaustive", cache=tmp_path / "c", **FAST)
     assert resumed.to_dict() == full.to_dict()
-    import palette.probe as probe_mod
+    import palette.probe.fast as probe_fast
+    import palette.probe.sketch as probe_sketch
 
     def interrupt_at(obj, attr: str, n: int):
         """Make obj.attr raise KeyboardInterrupt on its n-th call; returns the undo."""
@@ -212,13 +218,13 @@ def test_cache_resumes_to_the_same_result(tmp_path) -> None:
 
     # fast, streamed: interrupted in the passes (after fitting), then resumed without refitting
     fast_full = probe_sensitivity(model, inputs, **FAST)
-    undo = interrupt_at(probe_mod._Streamed, "__call__", 7)
+    undo = interrupt_at(probe_sketch.Streamed, "__call__", 7)
     try:
         with pytest.raises(KeyboardInterrupt):
             probe_sensitivity(model, inputs, cache=tmp_path / "f", **FAST)
     finally:
         undo()
-    undo = interrupt_at(probe_mod, "_fit", 1)  # a refit would raise
+    undo = interrupt_at(probe_fast, "_fit", 1)  # a refit would raise
     try:
         resumed = probe_sensitivity(model, inputs, cache=tmp_path / "f", **FAST)
     finally:
@@ -226,7 +232,7 @@ def test_cache_resumes_to_the_same_result(tmp_path) -> None:
     assert resumed.to_dict() == fast_full.to_dict()
     # fast, sketched: interrupted while scoring (after the passes), then resumed
     sketched_full = probe_sensitivity(model, inputs, keep_sketch=True, **FAST)
-    undo = interrupt_at(probe_mod._Scorer, "__call__", 7)
+    undo = interrupt_at(probe_sketch.Scorer, "__call__", 7)
     try:
         with pytest.raises(KeyboardInterrupt):
             probe_sensitivity(model, inputs, cache=tmp_path / "s", keep_sketch=True, **FAST)
@@ -240,7 +246,7 @@ def test_cache_resumes_to_the_same_result(tmp_path) -> None:
 
 def test_fast_ranks_layers_like_exhaustive() -> None:
     model, inputs = tiny_bert()
-    kw = dict(progress=False, nbits=(4,))
+    kw = dict(progress=False, candidates=Candidates(nbits=(4,), granularities=("per_tensor",)))
     fast = probe_sensitivity(model, inputs, n_probes=16, **kw)
     exh = probe_sensitivity(model, inputs, method="exhaustive", **kw)
     spec = PaletteSpec(nbits=4)
@@ -256,7 +262,8 @@ def test_fast_ranks_layers_like_exhaustive() -> None:
 def test_estimate_scores_importance_weighted_palettes_from_the_sketch() -> None:
     model, inputs = tiny_bert()
     spec = PaletteSpec(nbits=3)
-    sens = probe_sensitivity(model, inputs, nbits=(3,), n_probes=4, progress=False, importance=True, keep_sketch=True)
+    sens = probe_sensitivity(model, inputs, Candidates(nbits=(3,), granularities=("per_tensor",)), n_probes=4,
+                             progress=False, importance=True, keep_sketch=True)
     name = "encoder.layer.0.attention.self.query"
     w = dict(model.named_modules())[name].weight
     assert sens.importance[name].shape == w.shape and bool((sens.importance[name] >= 0).all())
@@ -272,7 +279,7 @@ def test_estimate_scores_importance_weighted_palettes_from_the_sketch() -> None:
 def test_per_grouped_channel_specs_use_dense_sketches() -> None:
     model, inputs = tiny_bert()
     specs = [PaletteSpec(nbits=4), PaletteSpec(nbits=4, granularity="per_grouped_channel", group_size=16)]
-    sens = probe_sensitivity(model, inputs, specs=specs, n_probes=4, progress=False, keep_sketch=True)
+    sens = probe_sensitivity(model, inputs, specs, n_probes=4, progress=False, keep_sketch=True)
     name = "encoder.layer.0.output.dense"
     assert sens.error(name, specs[1]) < sens.error(name, specs[0])  # finer LUTs, smaller error
     w = dict(model.named_modules())[name].weight
@@ -288,11 +295,11 @@ def test_streamed_and_sketched_probes_agree() -> None:
         PaletteSpec(nbits=4, granularity="per_grouped_channel", group_size=16),
         PaletteSpec(nbits=2, cluster_dim=2),
     ]
-    streamed = probe_sensitivity(model, inputs, specs=specs, n_probes=4, progress=False)
-    sketched = probe_sensitivity(model, inputs, specs=specs, n_probes=4, progress=False, keep_sketch=True)
+    streamed = probe_sensitivity(model, inputs, specs, n_probes=4, progress=False)
+    sketched = probe_sensitivity(model, inputs, specs, n_probes=4, progress=False, keep_sketch=True)
     for name in streamed.layers:
         np.testing.assert_allclose(streamed.errors[name], sketched.errors[name], rtol=1e-5, atol=1e-12)
-    grouped = probe_sensitivity(model, inputs, specs=specs[1:2], n_probes=4, progress=False, keep_sketch=True)
+    grouped = probe_sensitivity(model, inputs, specs[1:2], n_probes=4, progress=False, keep_sketch=True)
     assert all(sk.kind == "values" and sk.values.rows == 16 for sk in grouped.sketch.values())
     for name in streamed.layers:
         np.testing.assert_allclose(grouped.errors[name][0], streamed.errors[name][1], rtol=1e-5, atol=1e-12)
@@ -315,6 +322,6 @@ def test_inputs_are_normalised_and_described() -> None:
 
 def test_fp16_exact_weights_score_without_residual() -> None:
     unet = tiny_unet(fp16_weights=True)
-    sens = probe_sensitivity(unet, n_samples=2, keep_sketch=True, **FAST)
+    sens = probe_sensitivity(unet, synth(unet), keep_sketch=True, **FAST)
     assert all(float(sk.resid.abs().max()) == 0 for sk in sens.sketch.values())
     assert np.isfinite(sens.predict_psnr(sens.uniform(PaletteSpec(nbits=2))))

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from palette.allocate import allocate_bits
-from palette.cli import Loaded, build_parser, load_model
-from palette.measure import measure
-from palette.probe import Sensitivity
-from palette.recipe import ModelIdentity, Recipe, from_mapping
+from palette.cli import build_parser
+from palette.models.load import Loaded, load_model
+from palette.probe import Sensitivity, measure
+from palette.recipe import ModelIdentity, Recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PATHS = sorted(p for p in RECIPES.glob("*.json") if json.loads(p.read_text()).get("format") == "palette.recipe")
@@ -45,10 +45,9 @@ def test_recipe_revalidates_against_the_shipped_weights(path: Path) -> None:
     loaded = model(args.model, args.subfolder, args.config)
     recipe.check(loaded.model)
     assert recipe.model.fingerprint == ModelIdentity.of(loaded.model).fingerprint, "the weights changed: recompute"
-    assert from_mapping(loaded.model, recipe.layers).size_bytes == recipe.size_bytes
+    assert Recipe.from_specs(loaded.model, recipe.layers).size_bytes == recipe.size_bytes
     recorded = recipe.info["measured"]
-    got = measure(loaded.model, recipe.palettes(loaded.model), seed=recorded["seed"],
-                  **loaded.probe_kwargs(recorded["samples"], recorded["seed"]))
+    got = measure(loaded.model, recipe, loaded.probe_set(recorded["samples"], recorded["seed"]))
     assert got.psnr == pytest.approx(recorded["psnr"], abs=TOLERANCE_DB)
 
 

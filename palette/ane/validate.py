@@ -20,17 +20,10 @@ from torch import nn
 
 from palette.ane.diffusers_attention import DiffusersUndo
 from palette.ane.split_einsum import SplitEinsumState, is_split_einsum, restore_attention, split_einsum
+from palette.metrics import psnr
 
 LAYOUT_OPS = ("transpose", "reshape")
 ATTENTION_OPS = ("einsum", "matmul", "softmax", "scaled_dot_product_attention")
-
-
-def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Apple's PSNR: 20 log10((max|ref| + 1e-5) / (rms(x - ref) + 1e-10)) per sample, averaged."""
-    x, ref = x.detach().double().flatten(1), ref.detach().double().flatten(1)
-    peak = ref.abs().amax(dim=1) + 1e-5
-    rms = (x - ref).pow(2).mean(dim=1).sqrt() + 1e-10
-    return float((20 * torch.log10(peak / rms)).mean())
 
 
 @dataclass

@@ -2,14 +2,8 @@
 fp16 package), palettes as safetensors, read-back verification of both, and chunking of a program
 into pieces under a per-file size limit."""
 
-from .chunk import (
-    ChunkedExportReport,
-    ChunkManifest,
-    chunk_mlpackage,
-    chunks_needed,
-    layer_bytes_in_order,
-    verify_chunks,
-)
+from ..chunking import chunks_needed, layer_bytes_in_order
+from .chunk import ChunkedExportReport, ChunkManifest, chunk_mlpackage, verify_chunks
 from .coreml import export_coreml
 from .mlpackage import palettize_mlpackage
 from .safetensors_io import export_palettes, load_palettes

@@ -34,10 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from ..cluster import Palette
+from ..chunking import check_limit, too_big
 from .verify import ExportReport, VerificationError, _mul16, _stored_sizes, load_program, lut_to_dense
 
 MANIFEST = "manifest.json"
@@ -46,102 +44,6 @@ VERSION = 1
 
 
 # -- planning ----------------------------------------------------------------------------------
-
-
-def chunks_needed(layer_bytes: Sequence[tuple[str, int]], max_chunk_bytes: int) -> int:
-    """Fewest contiguous chunks of `layer_bytes` (name, bytes; in the order a forward pass uses
-    them) with every chunk's sum at most `max_chunk_bytes` (greedy fill, which is optimal).
-
-    Raises ValueError naming the largest entry if it alone exceeds the limit.
-    """
-    _check_limit(max_chunk_bytes)
-    if not layer_bytes:
-        return 1
-    name, largest = max(layer_bytes, key=lambda nb: nb[1])
-    if largest > max_chunk_bytes:
-        raise ValueError(_too_big(name, largest, max_chunk_bytes))
-    n, filled = 1, 0
-    for _, b in layer_bytes:
-        if filled + b > max_chunk_bytes:
-            n, filled = n + 1, 0
-        filled += b
-    return n
-
-
-def layer_bytes_in_order(
-    model: nn.Module, recipe: Any = None, inputs: Any = None
-) -> list[tuple[str, int]]:
-    """[(parameter name, stored bytes)] in the order a forward pass first uses each module.
-
-    A weight the recipe palettizes costs `spec.nbytes(shape)` (or `Palette.nbytes`); every other
-    parameter 2 bytes a value. `recipe` is a Recipe, {layer: PaletteSpec | Palette | None} or None.
-    `inputs` (example tensors, a tuple of them, or a dict of keyword tensors) runs one forward pass with
-    hooks to get the order of use; without it, module registration order stands in (diffusers
-    registers UNet blocks in execution order). Feed the result to `chunks_needed`.
-    """
-    layers = getattr(recipe, "layers", recipe) or {}
-    modules = dict(model.named_modules())
-    order = _call_order(model, inputs) if inputs is not None else []
-    seen_modules = set(order)
-    order += [n for n in modules if n not in seen_modules]
-    out: list[tuple[str, int]] = []
-    seen: set[int] = set()
-    for mname in order:
-        for pname, p in modules[mname].named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            spec = layers.get(mname) if pname == "weight" else None
-            if isinstance(spec, Palette):
-                nbytes = spec.nbytes
-            elif spec is not None:
-                nbytes = spec.nbytes(tuple(p.shape), mname)
-            else:
-                nbytes = 2 * p.numel()
-            out.append((f"{mname}.{pname}" if mname else pname, nbytes))
-    return out
-
-
-def _call_order(model: nn.Module, inputs: Any) -> list[str]:
-    """Names of the modules owning parameters, in the order a forward pass first calls them."""
-    order: list[str] = []
-    handles = []
-    for name, m in model.named_modules():
-        if next(m.parameters(recurse=False), None) is not None:
-            handles.append(m.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name)))
-    try:
-        with torch.no_grad():
-            if isinstance(inputs, Mapping):
-                model(**inputs)
-            else:
-                model(*((inputs,) if isinstance(inputs, torch.Tensor) else inputs))
-    finally:
-        for h in handles:
-            h.remove()
-    return list(dict.fromkeys(order))
-
-
-def check_chunk_limit(model: nn.Module, palettes: Mapping[str, Palette], max_chunk_bytes: int) -> None:
-    """Before converting: raise ValueError if one weight of `model` alone is over the limit."""
-    _check_limit(max_chunk_bytes)
-    sizes = {f"{n}.weight": p.nbytes for n, p in palettes.items()}
-    for name, p in model.named_parameters():
-        sizes.setdefault(name, 2 * p.numel())
-    name = max(sizes, key=sizes.get, default=None)
-    if name is not None and sizes[name] > max_chunk_bytes:
-        raise ValueError(_too_big(name, sizes[name], max_chunk_bytes))
-
-
-def _check_limit(max_chunk_bytes: Any) -> None:
-    if isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, (int, np.integer)) or max_chunk_bytes <= 0:
-        raise ValueError(f"max_chunk_bytes must be a positive int (bytes), got {max_chunk_bytes!r}")
-
-
-def _too_big(name: str, nbytes: int, limit: int) -> str:
-    return (
-        f"the weight {name} alone stores {nbytes:,} B, more than max_chunk_bytes={limit:,} B: no split "
-        "can fit it; raise the limit or palettize that layer to fewer bits"
-    )
 
 
 @dataclass
@@ -278,7 +180,7 @@ def _unsplittable(layout: _Layout, limit: int) -> str:
     sizes = {n: sum(layout.const_bytes[c] for c in cs) for n, cs in layout.weights.items()}
     name = max(sizes, key=sizes.get, default="")
     if name and sizes[name] > limit:
-        return _too_big(name, sizes[name], limit)
+        return too_big(name, sizes[name], limit)
     worst = max(range(len(layout.ops)), key=lambda i: _range_bytes(layout, i, i + 1))
     op = layout.ops[worst]
     need = _range_bytes(layout, worst, worst + 1)
@@ -297,7 +199,7 @@ def _unsplittable(layout: _Layout, limit: int) -> str:
 def _plan_chunks(layout: _Layout, max_chunk_bytes: int) -> list[int]:
     """Start indices (into `layout.ops`) of the fewest chunks under the limit, balanced: of all
     splits into that many chunks, one whose largest chunk is smallest."""
-    _check_limit(max_chunk_bytes)
+    check_limit(max_chunk_bytes)
     starts = _greedy(layout, max_chunk_bytes)
     if starts is None:
         raise ValueError(_unsplittable(layout, max_chunk_bytes))

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import metadata
+from ..chunking import check_chunk_limit
 from ..cluster import Palette
-from ..palettize import apply_palettes, dense_lookalikes, keep_original, palettes_of, target_layers
-from .chunk import ChunkedExportReport, check_chunk_limit, chunk_mlpackage, chunks_folder
-from .recipe_input import RecipeLike, recipe_palettes
+from ..palettize import dense_lookalikes, palettized, planned_palettes
+from ..recipe import PaletteSpec, Recipe, SpecMapping, target_layers
+from .chunk import ChunkedExportReport, chunk_mlpackage, chunks_folder
 from .verify import ExportReport, verify_mlpackage
 
 
@@ -108,20 +109,19 @@ def export_coreml(
     model: nn.Module,
     path: str | os.PathLike,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
-    recipe: RecipeLike = None,
+    recipe: Recipe | PaletteSpec | SpecMapping | None = None,
     minimum_deployment_target: Any = None,
     *,
     verify: bool = True,
     convert_kwargs: Mapping[str, Any] | None = None,
-    seed: int = 0,
     max_chunk_bytes: int | None = None,
 ) -> ExportReport:
     """Trace `model`, convert it with palette's palettes as Core ML LUTs, save to `path`.
 
-    `recipe`: a Recipe, {layer: PaletteSpec | None}, a PaletteSpec, fitted {layer: Palette}, or
-    None: the palettes the model carries (`palettize`), if any; a model without any whose layers
-    look palettized (few distinct values) is exported dense with a warning naming them. Target
-    layers the recipe does not palettize stay fp16 consts. Converts
+    `recipe`: a Recipe (or a spec or mapping: `Recipe.from_specs`), or None: the palettes the model
+    carries (`palettize`, `apply_palettes`), if any; layers that look palettized (few distinct
+    values) but carry no palette are exported dense with a warning naming them. Target layers the
+    recipe does not palettize stay fp16 consts. Converts
     with compute_precision FLOAT16 and `minimum_deployment_target` (default iOS18);
     `convert_kwargs` go to `ct.convert` (e.g. `inputs`, `outputs`). With `verify` (default) the
     saved package is read back and every weight checked bit for bit; a mismatch raises
@@ -138,11 +138,9 @@ def export_coreml(
     check_numpy()
     target = ct.target.iOS18 if minimum_deployment_target is None else minimum_deployment_target
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    palettes = planned_palettes(model, recipe)
     if recipe is None:
-        palettes = palettes_of(model)
         _warn_lookalikes(model, palettes)
-    else:
-        palettes = recipe_palettes(model, recipe, seed=seed)
     check_target(palettes, target)
     if max_chunk_bytes is not None:
         check_chunk_limit(model, palettes, max_chunk_bytes)
@@ -162,15 +160,11 @@ def export_coreml(
         **(convert_kwargs or {}),
     }
     wrapper = _Traceable(model)
-    carrying = [n for n, m in modules.items() if metadata.carries(m)]
     training = {m: m.training for m in model.modules()}
     t0 = time.perf_counter()
-    with keep_original(model, sorted(set(carrying) | set(palettes))), torch.no_grad():
+    # with a recipe, the model carries exactly its palettes for this conversion only
+    with palettized(model, palettes) if recipe is not None else nullcontext(), torch.no_grad():
         wrapper.eval()
-        if recipe is not None:  # exactly the recipe's palettes, for this conversion only
-            for n in carrying:
-                metadata.detach(modules[n])
-            apply_palettes(model, palettes)
         try:
             traced = torch.jit.trace(wrapper, inputs, check_trace=False, strict=False)
         finally:

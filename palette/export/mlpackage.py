@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from ..cluster import Palette
-from ..palettize import target_layers
+from ..palettize import planned_palettes
+from ..recipe import PaletteSpec, Recipe, SpecMapping, target_layers
 from .coreml import check_target, save_replacing
-from .recipe_input import RecipeLike, recipe_palettes
 from .verify import ExportReport, fingerprint, verify_mlpackage
 
 MIN_LISTED_NUMEL = 2048  # unmatched Core ML consts at least this big are listed in errors
@@ -131,7 +131,7 @@ class _ApplyPalettes:
 
 def palettize_mlpackage(
     src: str | os.PathLike,
-    recipe: RecipeLike,
+    recipe: Recipe | PaletteSpec | SpecMapping | None,
     torch_model: nn.Module,
     dst: str | os.PathLike,
     *,
@@ -139,8 +139,8 @@ def palettize_mlpackage(
 ) -> ExportReport:
     """Write `dst`: the fp16 mlpackage `src` with `recipe`'s layers of `torch_model` palettized.
 
-    `recipe` is as for `export_coreml` (specs are fitted on `torch_model`'s weights, fitted
-    palettes are used as they are). Every palettized layer must match a weight of `src` by
+    `recipe` is as for `export_coreml`: its palettes are fitted on `torch_model`'s weights (None:
+    the palettes `torch_model` carries). Every palettized layer must match a weight of `src` by
     content and shape, or a ValueError lists what did not match. `src` must target iOS18 or
     later. With `verify`, `dst` is read back and checked bit for bit.
     """
@@ -148,7 +148,7 @@ def palettize_mlpackage(
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
     from coremltools.models.utils import _apply_graph_pass
 
-    palettes = recipe_palettes(torch_model, recipe)
+    palettes = planned_palettes(torch_model, recipe)
     mlmodel = ct.models.MLModel(str(src), skip_model_load=True)
     version = mlmodel.get_spec().specificationVersion
     if version < ct.target.iOS18.value:

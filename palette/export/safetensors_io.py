@@ -50,10 +50,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cluster import Palette
+from ..cluster import Palette, check_palette
+from ..palettize import planned_palettes
+from ..recipe import Recipe, SpecMapping
 from ..spec import PaletteSpec
 from .packing import pack_bits, packed_nbytes, unpack_bits
-from .recipe_input import RecipeLike, check_palette, recipe_palettes
 
 FORMAT = "palette"
 FORMAT_VERSION = 2
@@ -65,19 +66,21 @@ DTYPES = {"indices": np.uint8, "luts": np.float16, "scales": np.float16}
 def export_palettes(
     model_or_palettes: nn.Module | Mapping[str, Palette],
     path: str | os.PathLike,
-    recipe: RecipeLike = None,
+    recipe: Recipe | SpecMapping | None = None,
 ) -> int:
     """Write palettes to a safetensors file; returns the file size in bytes.
 
-    Pass fitted palettes {name: Palette}, or a model with a `recipe` (fitted here, the model is
-    not changed). The bytes depend only on the palettes: the same palettes give the same file.
+    Pass fitted palettes {name: Palette} (written in the given order), or a model: with a `recipe`
+    its palettes (fitted here, the model is not changed), without one the palettes the model
+    carries, in module order. The bytes depend only on the palettes and their order: the same
+    palettes give the same file, from the API and the CLI alike.
     """
     from safetensors.numpy import save_file
 
     if isinstance(model_or_palettes, nn.Module):
-        if recipe is None:
-            raise ValueError("export_palettes(model, path) needs recipe= (specs or fitted palettes)")
-        palettes = recipe_palettes(model_or_palettes, recipe)
+        palettes = planned_palettes(model_or_palettes, recipe)
+        if not palettes:
+            raise ValueError("the model carries no palettes and no recipe= was given: nothing to export")
     elif recipe is not None:
         raise ValueError("recipe= applies to a model; palettes are exported as given")
     else:

@@ -1,0 +1,70 @@
+"""The probe's disk cache: a directory holding finished layers (JSON) and, for the fast probe, the
+fitted candidates and pass results, so that an interrupted run resumes where it stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._jsonio import write_atomic
+
+
+def fingerprint(targets: dict[str, nn.Module], specs, method, seed, n_probes, description) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([method, seed, n_probes, description, [s.to_dict() for s in specs]], sort_keys=True).encode())
+    for n, m in targets.items():
+        w = m.weight.detach()
+        h.update(f"{n}{tuple(w.shape)}{w.dtype}{float(w.double().sum())!r}{float(w.double().abs().sum())!r}".encode())
+    return h.hexdigest()
+
+
+class Cache:
+    """A directory holding finished layers (JSON) and, for the fast probe, the sketches."""
+
+    def __init__(self, path: str | os.PathLike | None, fingerprint: str) -> None:
+        self.dir = Path(path) if path is not None else None
+        self.done: dict[str, list[list[float]]] = {}
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = self.dir / "state.json"
+        if state.exists():
+            try:
+                d = json.loads(state.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{state}: corrupt probe cache ({e}); delete {self.dir}") from None
+            if d.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"probe cache {self.dir} belongs to another model, probe set or settings; "
+                    "delete it or pass another cache path"
+                )
+            self.done = d["done"]
+        self.fingerprint = fingerprint
+
+    def add(self, name: str, errors: np.ndarray) -> None:
+        self.done[name] = [[None if math.isnan(x) else x for x in row] for row in errors.tolist()]
+        if self.dir is not None:
+            doc = {"fingerprint": self.fingerprint, "done": self.done}
+            write_atomic(self.dir / "state.json", json.dumps(doc, sort_keys=True))
+
+    def get(self, name: str) -> np.ndarray | None:
+        e = self.done.get(name)
+        return None if e is None else np.array([[np.nan if x is None else x for x in r] for r in e], dtype=np.float64)
+
+    def load_tensors(self, name: str) -> Any:
+        path = self.dir / name if self.dir is not None else None
+        return torch.load(path, weights_only=False) if path is not None and path.exists() else None
+
+    def save_tensors(self, name: str, obj: Any) -> None:
+        if self.dir is not None:
+            tmp = self.dir / (name + ".tmp")
+            torch.save(obj, tmp)
+            os.replace(tmp, self.dir / name)
