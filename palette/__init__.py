@@ -17,6 +17,7 @@ from .palettize import (
     keep_original,
     palettes_of,
     palettize,
+    persistent_palettes,
     strip_palettes,
 )
 from .probe import Measurement, ProbeSet, Sensitivity, make_probe_set, measure, probe_sensitivity
@@ -75,6 +76,7 @@ __all__ = [
     "optimal_costs",
     "palettes_of",
     "palettize",
+    "persistent_palettes",
     "probe_sensitivity",
     "resolve_specs",
     "strip_palettes",

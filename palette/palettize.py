@@ -139,6 +139,22 @@ def keep_original(model: nn.Module, names: list[str] | None = None) -> Iterator[
 
 
 @contextmanager
+def persistent_palettes(model: nn.Module) -> Iterator[None]:
+    """The palettes the model carries in its `state_dict` for the duration of the block, for
+    `torch.export`: an ExportedProgram keeps persistent buffers only, and coremltools reads the
+    compression metadata from it (`torch.jit.trace` needs nothing of the kind)."""
+    made = [(m, k) for m in model.modules() for k in metadata.keys(m) if k in m._non_persistent_buffers_set]
+    for m, k in made:
+        m._non_persistent_buffers_set.discard(k)
+    try:
+        yield
+    finally:
+        for m, k in made:
+            if k in m._buffers:
+                m._non_persistent_buffers_set.add(k)
+
+
+@contextmanager
 def palettized(model: nn.Module, palettes: Mapping[str, Palette]) -> Iterator[None]:
     """The model carrying exactly `palettes` for the duration of the block (palettes it carried on
     other layers are put aside); weights and metadata restored on exit, whatever happens."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from palette import PaletteSpec, palettes_of, palettize, strip_palettes, target_layers
+from palette import PaletteSpec, palettes_of, palettize, persistent_palettes, strip_palettes, target_layers
 from palette.models.zoo import build
 
 ct = pytest.importorskip("coremltools")
@@ -201,3 +201,19 @@ def test_save_pretrained_round_trip_with_plain_diffusers(tmp_path):
         loaded = UNet2DConditionModel.from_pretrained(tmp_path)
     for (k, a), (k2, b) in zip(unet.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
+
+
+def test_torch_export_conversion_with_persistent_palettes() -> None:
+    """An ExportedProgram keeps persistent buffers only: inside persistent_palettes() coremltools sees
+    the metadata of a torch.export conversion too; outside, the state_dict is a dense model's."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    palettes = palettize(model, PaletteSpec(3), progress=False)
+    x = (torch.randn(1, 64),)
+    with persistent_palettes(model):
+        program = torch.export.export(model, x).run_decompositions({})
+    assert not any("_COREML_" in k for k in model.state_dict())
+    mlmodel = ct.convert(program, minimum_deployment_target=ct.target.iOS18, convert_to="mlprogram")
+    luts = [op for op in mlmodel._mil_program.functions["main"].operations if op.op_type == "constexpr_lut_to_dense"]
+    assert len(luts) == len(palettes) == 2
+    stored = sorted(digest(op.materialized_val_inference()) for op in luts)
+    assert stored == sorted(digest(p.dequantize().numpy()) for p in palettes.values())

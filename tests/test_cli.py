@@ -169,6 +169,35 @@ def test_apply_saves_a_from_pretrained_model_with_the_palettes(unet_dir, recipe_
         assert torch.equal(modules[name].weight.detach().half(), pal.dequantize().reshape(modules[name].weight.shape))
 
 
+def test_applied_folder_carries_its_palettes_into_export(unet_dir, recipe_file, tmp_path, capsys) -> None:
+    """`apply` writes the palettes beside the weights; `export` / `verify` of that folder need no
+    recipe, and the palettes file has the same bytes from the API and the CLI."""
+    from diffusers import UNet2DConditionModel
+
+    from palette import export_palettes, palettize
+
+    folder = tmp_path / "pal"
+    assert main(["apply", "--model", str(unet_dir), "--recipe", str(recipe_file), "-o", str(folder), "-q"]) == 0
+    api = tmp_path / "api.safetensors"
+    model = UNet2DConditionModel.from_pretrained(unet_dir)
+    palettize(model, Recipe.load(recipe_file), progress=False)
+    export_palettes(model, api)
+    assert (folder / "palettes.safetensors").read_bytes() == api.read_bytes()
+    cli = tmp_path / "cli.safetensors"
+    assert main(["export", "--model", str(unet_dir), "--recipe", str(recipe_file), "-o", str(cli), "-q"]) == 0
+    assert cli.read_bytes() == api.read_bytes()
+    capsys.readouterr()
+    code, out, err = run(capsys, "export", "--model", folder, "-o", tmp_path / "u.mlpackage", "--json", "-q")
+    assert code == 0, err
+    result = json.loads(out)
+    assert code == 0 and result["verified"] is True
+    assert result["palettized"] == len(Recipe.load(recipe_file).palettized)
+    code, out, _ = run(capsys, "verify", tmp_path / "u.mlpackage", "--model", folder, "--json", "-q")
+    assert code == 0 and json.loads(out)["palettized"] == result["palettized"]
+    code, _, err = run(capsys, "export", "--model", unet_dir, "-o", tmp_path / "x.mlpackage", "-q")
+    assert code == 2 and "carries no palettes: pass --recipe" in err
+
+
 def test_export_and_verify_safetensors(unet_dir, recipe_file, sens_file, tmp_path, capsys) -> None:
     path = tmp_path / "unet_palettes.safetensors"
     code, out, _ = run(capsys, "export", "--model", unet_dir, "--recipe", recipe_file, "-o", path, "--json", "-q")
