@@ -1,156 +1,139 @@
-"""Sensitivity probing benchmark: the fast estimator against the exhaustive (Apple MBP style) one.
+"""Sensitivity probing: how few probe samples and backward passes suffice (issue 17's accuracy-vs-
+cost curve that sets the defaults), against the exhaustive (Apple MBP style) reference.
 
-Per model (all-MiniLM-L6-v2 with its pretrained weights, the default model when its weights are
-present, a tiny random diffusers UNet), on one data-free probe set, with the candidates that
-`allocate_bits` probes by default (nbits 1/2/3/4/6/8 x per_tensor and per_grouped_channel g16):
-- Spearman rank correlation of fast-predicted vs exhaustively measured per-layer errors, 4 and 2 bits;
-- whole-model latent PSNR, additive prediction vs measured, for uniform 4-bit and for a mixed
-  mapping (the more sensitive half of the layers at 6 bits, the rest at 3 bits);
-- cost, fast vs exhaustive, in forward-equivalents and seconds.
-`--sd15`: the fast probe on the full-size Stable Diffusion 1.5 UNet architecture (random weights
-scaled to fan-in, 64x64 latents): wall time and peak memory.
+Per model (the default UNet with its trained weights, all-MiniLM-L6-v2 with its pretrained ones),
+with the candidates `allocate_bits` probes by default (nbits 1/2/3/4/6/8 x per_tensor and
+per_grouped_channel g16):
+- the reference: the exhaustive probe on the largest probe set (every layer and spec measured);
+- for every number of samples S and passes K: the fast probe on a data-free probe set of S
+  samples: Spearman rank correlation of its per-layer errors against the reference at 4 and 2
+  bits; the recipes it allocates at 4 and 3 bits per weight, measured on held-out inputs, beside
+  the reference's recipes (same budget, same held-out inputs);
+- its cost: wall seconds (clustering included), forward-equivalents, and Apple MBP's on the same
+  probe set: 10 N + 19 passes over it (N: layers above 1e5 weights), in seconds from the forward
+  time measured here, and in forward-equivalents.
 
-    python -m benchmarks.bench_sensitivity [--probes 4 8] [--threads 1] [--only default] [--sd15]
+    python benchmarks/bench_sensitivity.py                      # both models, the full grid
+    python benchmarks/bench_sensitivity.py --models default --samples 2 4 --probes 1 2 4
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import sys
 import time
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
-from torch import nn
 
-from palette.metrics import spearman
-from palette.probe import ProbeSet, Sensitivity, make_probe_set, measure, probe_sensitivity
-from palette.recipe import Candidates, target_layers
-from palette.spec import PaletteSpec
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from palette import Candidates, PaletteSpec, ProbeSet, allocate_bits, make_probe_set, measure  # noqa: E402
+from palette.metrics import spearman  # noqa: E402
+from palette.probe import probe_sensitivity  # noqa: E402
+from palette.probe.measure import outputs  # noqa: E402
+from palette.recipe import APPLE_MIN_NUMEL  # noqa: E402
 
-GRANULARITIES = ("per_tensor", "per_grouped_channel")
-
-
-def tiny_unet() -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8,
-    ).eval()
+SEED = 0
+CANDIDATES = Candidates()
 
 
-def measured_psnr(model: nn.Module, probe: ProbeSet, mapping: dict[str, PaletteSpec]) -> float:
-    """Apple PSNR of the model palettized with `mapping` against the unmodified model, same probes."""
-    return measure(model, mapping, probe).psnr
+def default_model() -> tuple[torch.nn.Module, Callable[[int, int], ProbeSet], Any, str]:
+    """The default UNet; probe sets of S samples (`default_probe_inputs`: S // 6 held-out scenes
+    at 6 timesteps, at least one scene); held-out inputs (other scenes and noise)."""
+    from palette.models.default import default_probe_inputs, load_unet
+
+    unet = load_unet()
+
+    def probe(samples: int, seed: int) -> ProbeSet:
+        return make_probe_set(unet, default_probe_inputs(n=max(1, samples // 6), seed=seed))
+
+    return unet, probe, default_probe_inputs(n=4, seed=7), "samples = scenes x 6 timesteps"
 
 
-def mixed_mapping(sens: Sensitivity) -> dict[str, PaletteSpec]:
-    """The more sensitive half of the layers (by 4-bit error) at 6 bits, the rest at 3 bits."""
-    s4 = PaletteSpec(nbits=4)
-    order = sorted(sens.layers, key=lambda n: sens.error(n, s4), reverse=True)
-    half = set(order[: len(order) // 2])
-    return {n: PaletteSpec(nbits=6 if n in half else 3) for n in sens.layers}
+def minilm() -> tuple[torch.nn.Module, Callable[[int, int], ProbeSet], Any, str]:
+    """all-MiniLM-L6-v2; probe sets of the first S built-in prompts; the other prompts held out."""
+    from palette.models.minilm import load_minilm
+    from palette.probe import PROMPTS
+
+    model, tok = load_minilm()
+
+    def probe(samples: int, seed: int) -> ProbeSet:
+        return make_probe_set(model, seed=seed, n_samples=samples, tokenizer=tok)
+
+    t = tok(list(PROMPTS[8:16]), padding="longest", return_tensors="pt")
+    return model, probe, {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}, "samples = prompts"
 
 
-def bench_model(label: str, model: nn.Module, probe: ProbeSet, probes: list[int]) -> list[str]:
-    """Rows of the results table for one model."""
-    kw = dict(progress=False, candidates=Candidates(granularities=GRANULARITIES))
-    exh = probe_sensitivity(model, probe, method="exhaustive", **kw)
+MODELS = {"default": default_model, "minilm": minilm}
+
+
+def run(key: str, samples: list[int], probes: list[int]) -> list[str]:
+    model, make, held_out, note = MODELS[key]()
+    big = make(max(samples), SEED)
+    t0 = time.perf_counter()
+    exh = probe_sensitivity(model, big, CANDIDATES, method="exhaustive", progress=False)
+    exh_s = time.perf_counter() - t0
     names = list(exh.layers)
-    s4, s2 = PaletteSpec(nbits=4), PaletteSpec(nbits=2)
-    uniform = exh.uniform(s4)
-    meas_u = measured_psnr(model, probe, uniform)
+    n_mbp = sum(exh.layers[n].numel >= APPLE_MIN_NUMEL for n in names)
+    refs = {b: measure(model, allocate_bits(model, budget_bits=b, sensitivity=exh, progress=False, calibrate=False),
+                       held_out).psnr for b in (4.0, 3.0)}
+    print(f"\n{key}: {len(names)} layers x {len(exh.specs)} specs, {n_mbp} above 1e5 weights ({note}); exhaustive "
+          f"reference on {len(exh.peak)} samples: {exh.cost.forward_equivalents:g} forward-eq., {exh_s:.0f} s; "
+          f"its recipes on held-out inputs: 4 bits {refs[4.0]:.2f} dB, 3 bits {refs[3.0]:.2f} dB", flush=True)
+    s4, s2 = PaletteSpec(4), PaletteSpec(2)
     rows = []
-    for k in probes:
-        fast = probe_sensitivity(model, probe, n_probes=k, **kw)
-        mixed = mixed_mapping(fast)
-        meas_m = measured_psnr(model, probe, mixed)
-        rho4 = spearman([fast.error(n, s4) for n in names], [exh.error(n, s4) for n in names])
-        rho2 = spearman([fast.error(n, s2) for n in names], [exh.error(n, s2) for n in names])
-        fe = exh.cost.forward_equivalents / fast.cost.forward_equivalents
-        sec = exh.cost.seconds / fast.cost.seconds
-        rows.append(
-            f"| {label} | {len(names)} | {k} | {rho4:.3f} | {rho2:.3f} "
-            f"| {fast.predict_psnr(uniform):.2f} / {exh.predict_psnr(uniform):.2f} / {meas_u:.2f} "
-            f"| {fast.predict_psnr(mixed):.2f} / {exh.predict_psnr(mixed):.2f} / {meas_m:.2f} "
-            f"| {fast.cost.forward_equivalents:.0f} / {exh.cost.forward_equivalents:.0f} = {fe:.1f}x "
-            f"| {fast.cost.seconds:.1f} / {exh.cost.seconds:.1f} = {sec:.1f}x |"
-        )
-        print(rows[-1], flush=True)
+    for n in samples:
+        probe = make(n, SEED)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            outputs(model, probe)
+        forward_s = time.perf_counter() - t1
+        for k in probes:
+            t2 = time.perf_counter()
+            fast = probe_sensitivity(model, probe, CANDIDATES, n_probes=k, seed=SEED, progress=False)
+            fast_s = time.perf_counter() - t2
+            rho4 = spearman([fast.error(x, s4) for x in names], [exh.error(x, s4) for x in names])
+            rho2 = spearman([fast.error(x, s2) for x in names], [exh.error(x, s2) for x in names])
+            got = {b: measure(model, allocate_bits(model, budget_bits=b, sensitivity=fast, progress=False,
+                                                   calibrate=False), held_out).psnr for b in (4.0, 3.0)}
+            mbp_fe, fe = 10 * n_mbp + 19, fast.cost.forward_equivalents
+            mbp_s = mbp_fe * forward_s
+            rows.append(
+                f"| {key} | {len(fast.peak)} | {k} | {rho4:.3f} | {rho2:.3f} | {got[4.0]:.2f} ({got[4.0] - refs[4.0]:+.2f}) "
+                f"| {got[3.0]:.2f} ({got[3.0] - refs[3.0]:+.2f}) | {fast_s:.1f} ({fast.cost.cluster_seconds:.1f}) "
+                f"| {fe:g} / {mbp_fe} = {mbp_fe / fe:.0f}x | {mbp_s:.0f} / {fast_s:.1f} = {mbp_s / fast_s:.1f}x |"
+            )
+            print(rows[-1], flush=True)
     return rows
 
 
 HEADER = (
-    "| model | layers | K | Spearman 4b | Spearman 2b | PSNR uniform 4b: fast / exh. additive / measured "
-    "| PSNR mixed 6b+3b: fast / exh. additive / measured | forward-eq. fast / exh. | seconds fast / exh. |\n"
-    "|---|---|---|---|---|---|---|---|---|"
+    "| model | samples | K | Spearman 4b | Spearman 2b | recipe 4 bits, dB (vs exh.) | recipe 3 bits, dB (vs exh.) "
+    "| fast s (clustering) | forward-eq. MBP / fast | seconds MBP (est.) / fast |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
 )
-
-
-def models(only: list[str] | None) -> list[tuple[str, nn.Module, ProbeSet]]:
-    from palette.models.minilm import load_minilm
-
-    out = []
-    minilm, tok = load_minilm()
-    out.append(("all-MiniLM-L6-v2 (pretrained)", minilm, make_probe_set(minilm, tokenizer=tok, n_samples=16)))
-    try:
-        from palette.models.default import default_probe_inputs, load_unet
-
-        unet = load_unet()
-        out.append(("default model (trained UNet)", unet, make_probe_set(unet, default_probe_inputs(n=4, seed=0))))
-    except (OSError, FileNotFoundError, ImportError, ValueError) as e:
-        print(f"default model not available ({type(e).__name__}: {str(e)[:120]}); skipped", flush=True)
-    tiny = tiny_unet()
-    out.append(("tiny random UNet", tiny, make_probe_set(tiny)))
-    return [m for m in out if not only or any(o in m[0] for o in only)]
-
-
-def sd15(probes: int, n_samples: int, granularities: tuple[str, ...]) -> None:
-    from palette.models.zoo import build
-
-    t0 = time.perf_counter()
-    unet = build("sd15-unet")  # random weights scaled to fan-in: N(0, 1/fan_in)
-    n_params = sum(p.numel() for p in unet.parameters())
-    print(f"SD1.5 UNet: {n_params / 1e6:.0f}M parameters, {len(target_layers(unet))} target layers, "
-          f"built in {time.perf_counter() - t0:.0f} s", flush=True)
-    t1 = time.perf_counter()
-    sens = probe_sensitivity(unet, make_probe_set(unet, n_samples=n_samples, batch_size=1),
-                             Candidates(granularities=granularities), n_probes=probes)
-    wall = time.perf_counter() - t1
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    peak_gb = usage.ru_maxrss * 1024 / 1e9
-    cpu = usage.ru_utime + usage.ru_stime
-    s4 = PaletteSpec(nbits=4)
-    print(f"SD1.5 fast probe: K={probes}, {n_samples} samples (one per unit), {'+'.join(granularities)}, {len(sens.layers)} layers x {len(sens.specs)} specs: "
-          f"{wall:.0f} s wall ({sens.cost.cluster_seconds:.0f} s clustering), {cpu:.0f} CPU-s in the process, "
-          f"peak RSS {peak_gb:.2f} GB; "
-          f"{sens.cost.forward_equivalents:.0f} forward-eq. vs exhaustive "
-          f"{1 + sum(sum(b is not None for b in v) for v in sens.nbytes.values())}; "
-          f"predicted uniform-4b PSNR {sens.predict_psnr(sens.uniform(s4)):.2f} dB", flush=True)
-    print(f"inputs: {sens.inputs_description}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--probes", type=int, nargs="+", default=[4, 8], help="K values for the fast probe")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--samples", type=int, nargs="+", default=None,
+                    help="probe samples (default: default 6 12 24 48, minilm 2 4 8 16)")
+    ap.add_argument("--probes", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="backward passes K")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--only", nargs="+", help="models whose label contains one of these words")
-    ap.add_argument("--sd15", action="store_true", help="only the SD1.5-scale fast probe")
-    ap.add_argument("--sd15-probes", type=int, default=8)
-    ap.add_argument("--sd15-samples", type=int, default=2)
-    ap.add_argument("--sd15-granularities", nargs="+", default=["per_tensor"], choices=GRANULARITIES)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.sd15:
-        sd15(args.sd15_probes, args.sd15_samples, tuple(args.sd15_granularities))
-        return
-    print(HEADER, flush=True)
-    for label, model, probe in models(args.only):
-        bench_model(label, model, probe, args.probes)
+    t0 = time.perf_counter()
+    rows = []
+    for key in args.models:
+        samples = args.samples or {"default": [6, 12, 24, 48], "minilm": [2, 4, 8, 16]}[key]
+        rows += run(key, samples, args.probes)
+    print("\n" + HEADER)
+    print("\n".join(rows))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s, torch threads {torch.get_num_threads()}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .chunking import chunks_needed, layer_bytes_in_order
 from .cluster import fit_palettes
 from .probe import ProbeSet, Sensitivity, make_probe_set, measure, probe_sensitivity
-from .probe.run import as_candidates
+from .probe.run import DEFAULT_PROBES, as_candidates
 from .recipe import Candidates, Recipe
 from .spec import PaletteSpec
 
@@ -265,7 +265,7 @@ def allocate_bits(
     sensitivity: Sensitivity | None = None,
     candidates: Candidates | Sequence[PaletteSpec] | None = None,
     method: str = "fast",
-    n_probes: int = 16,
+    n_probes: int = DEFAULT_PROBES,
     seed: int = 0,
     importance: bool = False,
     max_chunk_bytes: int | None = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -24,6 +25,8 @@ import torch
 
 from .models.load import MODEL_HELP, PALETTES_FILE, Loaded, load_model
 from .palettize import palettize, target_layers
+from .probe.inputs import DEFAULT_SAMPLES
+from .probe.run import DEFAULT_PROBES
 from .recipe import APPLE, Candidates
 from .spec import GRANULARITIES, NBITS, PaletteSpec
 
@@ -41,6 +44,16 @@ class UsageError(ValueError):
 def _model(args: argparse.Namespace) -> Loaded:
     t0 = time.perf_counter()
     loaded = load_model(args.model, args.subfolder, args.config)
+    device = getattr(args, "device", None)
+    if device:
+        import torch.distributed as dist
+
+        if device == "cuda" and dist.is_initialized():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        try:
+            loaded.model.to(torch.device(device))
+        except (RuntimeError, AssertionError) as e:
+            raise UsageError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
     _note(args, f"loaded {loaded.label}: {len(target_layers(loaded.model))} target layers, "
           f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters ({time.perf_counter() - t0:.1f} s)")
     return loaded
@@ -87,6 +100,12 @@ def _sensitivity(args: argparse.Namespace, loaded: Loaded, probe):
         loaded.model, probe, cands, method=args.method, seed=args.seed, n_probes=args.probes, cache=args.cache,
         importance=importance, keep_sketch=importance, progress=not args.quiet,
     )
+
+
+def _probe_set(args: argparse.Namespace, loaded: Loaded, seed: int):
+    """The probe set the options ask for, built once for probing, calibrating and measuring."""
+    return loaded.probe_set(args.samples, seed, batch_size=getattr(args, "batch_size", None),
+                            sample_size=getattr(args, "sample_size", None))
 
 
 def _existing(path: str, flag: str) -> Path:
@@ -146,7 +165,9 @@ def _mb(nbytes: int) -> str:
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Probe per-layer sensitivity and write it as JSON."""
     loaded = _model(args)
-    sens = _sensitivity(args, loaded, loaded.probe_set(args.samples, args.seed))
+    sens = _sensitivity(args, loaded, _probe_set(args, loaded, args.seed))
+    if _rank() != 0:
+        return 0
     out = Path(args.output)
     sens.save(out)
     spec = PaletteSpec(4) if PaletteSpec(4) in sens.specs else sens.specs[0]
@@ -174,10 +195,12 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     from .allocate import allocate_bits
 
     loaded = _model(args)
-    probe = loaded.probe_set(args.samples, args.seed)
+    probe = _probe_set(args, loaded, args.seed)
     sens = _sensitivity(args, loaded, probe)
+    if _rank() != 0:
+        return 0
     if sens.seed != args.seed:  # a --sensitivity probed with another seed: calibrate on its probe set
-        probe = loaded.probe_set(args.samples, sens.seed)
+        probe = _probe_set(args, loaded, sens.seed)
     recipe = allocate_bits(loaded.model, args.budget_gb, budget_bits=args.budget_bits, inputs=probe,
                            sensitivity=sens, candidates=_candidates(args), importance=args.importance,
                            seed=args.seed, progress=not args.quiet)
@@ -237,7 +260,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     recipe = _recipe(args, loaded)
     result: dict[str, Any] = {"model": loaded.label, **_recipe_summary(recipe)}
     if args.measure:
-        result["measured"] = _measure(loaded, recipe, loaded.probe_set(args.samples, args.seed))
+        result["measured"] = _measure(loaded, recipe, _probe_set(args, loaded, args.seed))
     palettes = palettize(loaded.model, recipe, progress=not args.quiet)
     out = Path(args.output)
     loaded.save_pretrained(out)
@@ -408,10 +431,19 @@ def _probe_options() -> argparse.ArgumentParser:
                    help="candidate LUT granularities: per_tensor, per_grouped_channel (default: both)")
     g.add_argument("--group-size", type=_positive, default=16, metavar="N",
                    help="output channels per LUT (per_grouped_channel)")
-    g.add_argument("--samples", type=_positive, default=8, metavar="N", help="probe samples (data-free, synthesised)")
-    g.add_argument("--probes", type=_positive, default=16, metavar="K", help="random projections (fast method)")
+    g.add_argument("--samples", type=_positive, default=DEFAULT_SAMPLES, metavar="N",
+                   help="probe samples (data-free, synthesised)")
+    g.add_argument("--probes", type=_positive, default=DEFAULT_PROBES, metavar="K",
+                   help="random projections, backward passes per sample (fast method)")
+    g.add_argument("--batch-size", type=_positive, metavar="N",
+                   help="probe samples per forward pass (default: 4 for small latents, else 1)")
+    g.add_argument("--sample-size", type=_positive, metavar="N",
+                   help="latent size of synthesised denoiser inputs (default: the model's config)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the probe inputs and of vector k-means")
     g.add_argument("--cache", metavar="DIR", help="directory to resume an interrupted probe from")
+    g.add_argument("--device", metavar="DEVICE",
+                   help="cpu, cuda, cuda:N or mps: the model and the probe run there (default: cpu; under "
+                   "torchrun with cuda, each rank its own GPU)")
     return p
 
 
@@ -542,13 +574,40 @@ def _chunk_bytes(args: argparse.Namespace) -> int | None:
     return args.max_chunk_bytes
 
 
+SHARDED = ("analyze", "allocate")  # the commands torchrun shards across processes
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it): only rank 0 writes and prints."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _join_torchrun(args: argparse.Namespace) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join its process group, gloo on the CPU, nccl with CUDA."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if args.command not in SHARDED:
+        raise UsageError(f"torchrun shards {' and '.join(SHARDED)} only; run `palette {args.command}` in one process")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if (getattr(args, "device", None) or "").startswith("cuda") else "gloo")
+    if dist.get_rank() != 0:
+        args.quiet = True
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "extra", None) and args.extra[0] == "--":
         args.extra = args.extra[1:]
+    joined = False
     try:
+        joined = _join_torchrun(args)
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"palette: error: {e}", file=sys.stderr)
@@ -556,6 +615,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("palette: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -153,9 +153,10 @@ class _Layout:
     members: list[int]  # indices into the item's specs
 
 
-def _fit_scalar(layouts: list[_Layout], specs: list[list[PaletteSpec]]) -> dict:
+def _fit_scalar(layouts: list[_Layout], specs: list[list[PaletteSpec]], assign: bool = True) -> dict:
     """(lut, indices) per (item, spec index) for scalar layouts: the exact k-means of every group
-    for every LUT size any of them asks for, every group of every layout in one parallel call."""
+    for every LUT size any of them asks for, every group of every layout in one parallel call
+    (indices None without `assign`)."""
     keys = _exact1d.fp16_keys(np.concatenate([lo.rows.reshape(-1) for lo in layouts]).view(np.uint16))
     weighted = any(lo.importance is not None for lo in layouts)
     weights = np.empty(0)
@@ -180,13 +181,15 @@ def _fit_scalar(layouts: list[_Layout], specs: list[list[PaletteSpec]]) -> dict:
                   if specs[lo.item][i].n_entries == k]
         segs = np.concatenate([np.arange(f, f + lo.groups) for lo, f, _ in wanted])
         luts16 = centroids[segs, r, :k].astype(np.float16)
-        idx = _exact1d.assign_segments(
-            keys, starts[segs], ends[segs], luts16.astype(np.float64), _exact1d.KEY_VALUES
-        )
+        idx = None
+        if assign:
+            idx = _exact1d.assign_segments(
+                keys, starts[segs], ends[segs], luts16.astype(np.float64), _exact1d.KEY_VALUES
+            )
         at = 0
         for lo, f, i in wanted:
             a, b = starts[f], starts[f] + lo.rows.size
-            out[lo.item, i] = (luts16[at : at + lo.groups, :, None], idx[a:b])
+            out[lo.item, i] = (luts16[at : at + lo.groups, :, None], None if idx is None else idx[a:b])
             at += lo.groups
     return out
 
@@ -284,6 +287,28 @@ def fit_palettes_batch(
             pals.append(Palette(torch.from_numpy(np.ascontiguousarray(lut)), indices, spec, scale))
         result.append(pals)
     return result
+
+
+def fit_luts_batch(
+    items: Sequence[tuple[torch.Tensor, Sequence[PaletteSpec]]], *, names: Sequence[str] | None = None
+) -> list[list[np.ndarray]]:
+    """The fp16 LUTs (groups, 2^nbits) of scalar, unscaled specs for several (weight, specs) items,
+    without assigning any weight to an entry: every weight takes its nearest entry (ties to the
+    lower one), so the LUT alone determines the palette (`fit_palettes_batch` gives the indices)."""
+    names = list(names) if names is not None else [f"weight[{i}]" for i in range(len(items))]
+    specs = [list(s) for _, s in items]
+    for i, ss in enumerate(specs):
+        bad = [s.label for s in ss if s.cluster_dim != 1 or s.per_channel_scale]
+        if bad:
+            raise ValueError(f"{names[i]}: fit_luts_batch takes scalar unscaled specs only, got {bad}")
+    layouts = [lo for i, (w, s) in enumerate(items) for lo in _layouts(i, w, specs[i], None, names[i])]
+    by_sizes: dict[tuple[int, ...], list[_Layout]] = defaultdict(list)
+    for lo in layouts:
+        by_sizes[tuple(sorted({specs[lo.item][i].n_entries for i in lo.members}))].append(lo)
+    fitted = {}
+    for group in by_sizes.values():
+        fitted.update(_fit_scalar(group, specs, assign=False))
+    return [[fitted[i, j][0][:, :, 0] for j in range(len(specs[i]))] for i in range(len(items))]
 
 
 def fit_palettes(

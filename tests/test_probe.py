@@ -325,3 +325,45 @@ def test_fp16_exact_weights_score_without_residual() -> None:
     sens = probe_sensitivity(unet, synth(unet), keep_sketch=True, **FAST)
     assert all(float(sk.resid.abs().max()) == 0 for sk in sens.sketch.values())
     assert np.isfinite(sens.predict_psnr(sens.uniform(PaletteSpec(nbits=2))))
+
+
+def test_thresholds_give_each_palettes_exact_weight_change() -> None:
+    """The compact candidates (LUT thresholds on value ranks) give <g, dW> of the fitted palette
+    itself: per tensor and grouped, LUTs with repeated entries (few distinct values) included."""
+    from palette.cluster import fit_luts_batch, fit_palettes_batch
+    from palette.probe.sketch import Streamed
+
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.randn(64, 48, generator=gen) * 0.05
+    coarse = torch.randint(-3, 4, (32, 40), generator=gen).float() * 0.25  # 7 values: 8-bit LUTs repeat entries
+    for w in (dense, coarse):
+        specs = [PaletteSpec(1), PaletteSpec(3), PaletteSpec(8), PaletteSpec(4, "per_grouped_channel", 16),
+                 PaletteSpec(8, "per_grouped_channel", 16)]
+        (luts,) = fit_luts_batch([(w, specs)])
+        (pals,) = fit_palettes_batch([(w, specs, None)])
+        streamed = Streamed(w, specs, dict(enumerate(luts)), {})
+        gs = torch.randn(3, w.numel(), generator=gen)
+        (z,) = streamed(w, gs)
+        want = torch.stack([gs.double() @ (p.dequantize().double().reshape(-1) - w.double().reshape(-1))
+                            for p in pals], 1)
+        torch.testing.assert_close(z, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_padding_convolutions_probe(padding: str) -> None:
+    """Conv2d(padding='same' / 'valid'), with an even kernel and dilation (uneven 'same' padding):
+    per-sample weight gradients equal autograd's, and the fast probe runs."""
+    from palette.probe.passes import per_sample_grad
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, (4, 3), padding=padding, dilation=(2, 1))
+    x = torch.randn(3, 16, 12, 12)
+    y = conv(x)
+    g = torch.randn_like(y)
+    got = per_sample_grad(conv, x, g)
+    for s in range(3):
+        want = torch.autograd.grad(conv(x[s : s + 1]), conv.weight, g[s : s + 1])[0]
+        torch.testing.assert_close(got[s].reshape(want.shape), want, rtol=1e-5, atol=1e-6)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(32, 16, 3, padding=padding)).eval()
+    sens = probe_sensitivity(model, (x,), **FAST)
+    assert len(sens.layers) == 2 and all(np.isfinite(e).all() for e in sens.errors.values())

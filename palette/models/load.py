@@ -48,12 +48,14 @@ class Loaded:
     pipeline: Any = None  # the default model's pipeline, which the demo samples with
     hub_id: str | None = None  # the Hugging Face hub id it was loaded from (Apple's scripts load it)
 
-    def probe_set(self, samples: int, seed: int) -> ProbeSet:
+    def probe_set(self, samples: int, seed: int, batch_size: int | None = None,
+                  sample_size: int | None = None) -> ProbeSet:
         """The probe set of `samples` samples (seeded): built once, then used to probe, calibrate
-        and measure alike."""
+        and measure alike. `batch_size` and `sample_size` apply to synthesised inputs."""
         if self.make_inputs is not None:
             return make_probe_set(self.model, self.make_inputs(samples, seed), seed=seed)
-        return make_probe_set(self.model, seed=seed, n_samples=samples, **self.probe_extra)
+        return make_probe_set(self.model, seed=seed, n_samples=samples, batch_size=batch_size,
+                              sample_size=sample_size, **self.probe_extra)
 
     def save_pretrained(self, path: Path) -> None:
         owner = self.owner if self.owner is not None else self.model

@@ -27,16 +27,22 @@ def fingerprint(targets: dict[str, nn.Module], specs, method, seed, n_probes, de
 
 
 class Cache:
-    """A directory holding finished layers (JSON) and, for the fast probe, the sketches."""
+    """A directory holding finished layers (JSON) and, for the fast probe, the fitted candidates
+    and finished units (tensors). Its state file records the fingerprint of the model, probe set
+    and settings it belongs to (one per rank under torch.distributed)."""
 
-    def __init__(self, path: str | os.PathLike | None, fingerprint: str) -> None:
+    def __init__(self, path: str | os.PathLike | None, fingerprint: str, rank: int = 0) -> None:
         self.dir = Path(path) if path is not None else None
         self.done: dict[str, list[list[float]]] = {}
+        self.fingerprint = fingerprint
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        state = self.dir / "state.json"
-        if state.exists():
+        self.state = self.dir / ("state.json" if rank == 0 else f"state-rank{rank}.json")
+        state = self.state
+        if not state.exists():
+            self._write()
+        else:
             try:
                 d = json.loads(state.read_text())
             except json.JSONDecodeError as e:
@@ -47,13 +53,14 @@ class Cache:
                     "delete it or pass another cache path"
                 )
             self.done = d["done"]
-        self.fingerprint = fingerprint
+
+    def _write(self) -> None:
+        write_atomic(self.state, json.dumps({"fingerprint": self.fingerprint, "done": self.done}, sort_keys=True))
 
     def add(self, name: str, errors: np.ndarray) -> None:
         self.done[name] = [[None if math.isnan(x) else x for x in row] for row in errors.tolist()]
         if self.dir is not None:
-            doc = {"fingerprint": self.fingerprint, "done": self.done}
-            write_atomic(self.dir / "state.json", json.dumps(doc, sort_keys=True))
+            self._write()
 
     def get(self, name: str) -> np.ndarray | None:
         e = self.done.get(name)

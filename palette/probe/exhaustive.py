@@ -20,6 +20,7 @@ from .cache import Cache
 from .inputs import ProbeSet
 from .measure import outputs, per_sample_mse
 from .passes import guard
+from .shard import Shard
 
 
 def probe_exhaustive(
@@ -31,15 +32,17 @@ def probe_exhaustive(
     store: Cache,
     seed: int,
     progress: bool,
+    shard: Shard,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
-    """(errors per layer, per-sample peaks, per-sample sizes, clustering seconds)."""
+    """(errors per layer, per-sample peaks, per-sample sizes, clustering seconds); each rank of
+    `shard` measures its share of the layers."""
     errors: dict[str, np.ndarray] = {}
     cluster_s = 0.0
     with guard(model, freeze=False):
         refs = outputs(model, probe)
-        peak = torch.cat([r.reshape(r.shape[0], -1).abs().amax(1).double() for r in refs]).numpy()
+        peak = torch.cat([r.reshape(r.shape[0], -1).abs().amax(1).double() for r in refs]).cpu().numpy()
         size = np.concatenate([np.full(r.shape[0], r[0].numel(), dtype=np.int64) for r in refs])
-        for name in tqdm(targets, desc="exhaustive", disable=not progress, leave=False):
+        for _, name in tqdm(shard.mine(list(targets)), desc="exhaustive", disable=not progress, leave=False):
             cached = store.get(name)
             if cached is not None:
                 errors[name] = cached
@@ -58,4 +61,8 @@ def probe_exhaustive(
                         err[i] = per_sample_mse(outputs(model, probe), refs)
             errors[name] = err
             store.add(name, err)
-    return errors, peak, size, cluster_s
+    if shard.world > 1:
+        parts = shard.gather((errors, cluster_s))
+        errors = {n: e for part, _ in parts for n, e in part.items()}
+        cluster_s = sum(c for _, c in parts)
+    return {n: errors[n] for n in targets}, peak, size, cluster_s

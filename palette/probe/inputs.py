@@ -46,6 +46,7 @@ PROMPTS: tuple[str, ...] = (
     "a field of sunflowers under a cloudy sky",
     "a robot reading a book in a library",
 )
+DEFAULT_SAMPLES = 8  # synthesised probe samples
 SD_BETAS = (0.00085, 0.012, 1000)  # scaled_linear: beta_start, beta_end, num_train_timesteps
 TEXT_SEQ_LEN = 77
 
@@ -56,6 +57,7 @@ class ProbeSet:
 
     units: tuple[Unit, ...]
     description: str
+    batch_size: int = 1  # the most samples one unit holds (1 where it cannot be told)
 
 
 def main_output(out: Any) -> torch.Tensor:
@@ -78,18 +80,30 @@ def main_output(out: Any) -> torch.Tensor:
     return t.float()
 
 
-def _detached(x: Any) -> Any:
+def _detached(x: Any, device: torch.device | None = None) -> Any:
+    """Tensors of `x` (nested in dicts) detached, and moved to `device` if given."""
     if isinstance(x, torch.Tensor):
-        return x.detach()
+        return x.detach() if device is None else x.detach().to(device)
     if isinstance(x, Mapping):
-        return {k: _detached(v) for k, v in x.items()}
+        return {k: _detached(v, device) for k, v in x.items()}
     return x
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _call_unit(args: tuple, kwargs: dict) -> Unit:
-    """A unit calling the model on these inputs (detached: probing owns the autograd graph)."""
+    """A unit calling the model on these inputs (detached: probing owns the autograd graph), moved
+    to the model's device when it runs: the model's device decides."""
     args, kwargs = tuple(_detached(a) for a in args), _detached(kwargs)
-    return lambda m: main_output(m(*args, **kwargs))
+
+    def unit(m: nn.Module) -> torch.Tensor:
+        device = model_device(m)
+        return main_output(m(*(_detached(a, device) for a in args), **_detached(kwargs, device)))
+
+    return unit
 
 
 def _as_unit(item: Any, i: int) -> Unit:
@@ -110,13 +124,16 @@ def make_probe_set(
     inputs: Any = None,
     *,
     seed: int = 0,
-    n_samples: int = 8,
+    n_samples: int = DEFAULT_SAMPLES,
     batch_size: int | None = None,
     text_encoder: nn.Module | None = None,
     tokenizer: Any = None,
     scheduler: Any = None,
+    sample_size: int | tuple[int, int] | None = None,
 ) -> ProbeSet:
-    """Normalise `inputs` (tuple, list of tuples, dict, callable) or synthesise them (inputs=None)."""
+    """Normalise `inputs` (tuple, list of tuples, dict, callable) or synthesise them (inputs=None):
+    `n_samples` samples in units of `batch_size`, latents of `sample_size` (default: the model's
+    config) for a denoiser. Tensors go to the model's device when a unit runs."""
     if inputs is not None:
         if callable(inputs) and not isinstance(inputs, (nn.Module, torch.Tensor)):
             return ProbeSet((inputs,), "user callable")
@@ -124,7 +141,7 @@ def make_probe_set(
         if not items:
             raise ValueError("inputs is an empty list")
         units = tuple(_as_unit(item, i) for i, item in enumerate(items))
-        return ProbeSet(units, f"user inputs: {len(units)} batch(es)")
+        return ProbeSet(units, f"user inputs: {len(units)} batch(es)", max(_batch_of(item) for item in items))
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     try:
@@ -132,13 +149,20 @@ def make_probe_set(
     except ImportError:  # pragma: no cover
         UNet2DConditionModel = ()  # type: ignore[assignment]
     if isinstance(model, UNet2DConditionModel):
-        return _unet_probe_set(model, seed, n_samples, batch_size, text_encoder, tokenizer, scheduler)
+        return _unet_probe_set(model, seed, n_samples, batch_size, text_encoder, tokenizer, scheduler, sample_size)
     if hasattr(model, "get_input_embeddings") and hasattr(getattr(model, "config", None), "vocab_size"):
         return _text_probe_set(model, seed, n_samples, batch_size, tokenizer)
     raise ValueError(
         f"cannot synthesise probe inputs for a {type(model).__name__}: pass inputs= "
         "(a tuple of tensors, a list of such tuples, or a callable model -> output)"
     )
+
+
+def _batch_of(item: Any) -> int:
+    """The first dimension of an input item's first tensor (1 if it has none)."""
+    first = item if isinstance(item, torch.Tensor) else next(
+        (t for t in (item.values() if isinstance(item, Mapping) else item) if isinstance(t, torch.Tensor)), None)
+    return int(first.shape[0]) if first is not None and first.dim() else 1
 
 
 def _batches(n: int, batch_size: int) -> list[slice]:
@@ -179,18 +203,20 @@ def _encode(text_encoder: nn.Module, tokenizer: Any, prompts: list[str]) -> torc
         tok = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
     else:
         tok = tokenizer(prompts, padding="longest", truncation=True, return_tensors="pt")
-    kwargs = {"attention_mask": tok["attention_mask"]} if "attention_mask" in tok else {}
-    return main_output(text_encoder(input_ids=tok["input_ids"], **kwargs))
+    device = model_device(text_encoder)
+    kwargs = {"attention_mask": tok["attention_mask"].to(device)} if "attention_mask" in tok else {}
+    return main_output(text_encoder(input_ids=tok["input_ids"].to(device), **kwargs)).cpu()
 
 
-def _unet_probe_set(unet, seed, n, batch_size, text_encoder, tokenizer, scheduler) -> ProbeSet:
+def _unet_probe_set(unet, seed, n, batch_size, text_encoder, tokenizer, scheduler, sample_size) -> ProbeSet:
     cfg = unet.config
     if cfg.class_embed_type is not None or cfg.addition_embed_type not in (None, "text_time"):
         raise ValueError(
             f"cannot synthesise class labels or '{cfg.addition_embed_type}' conditioning; pass inputs="
         )
     gen = torch.Generator().manual_seed(seed)
-    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
+    size = sample_size if sample_size is not None else cfg.sample_size
+    size = size if isinstance(size, (tuple, list)) else (size,) * 2
     size = tuple(int(s) for s in size)
     abar, sched_name = _alphas_cumprod(scheduler)
     t_max = len(abar)
@@ -230,7 +256,7 @@ def _unet_probe_set(unet, seed, n, batch_size, text_encoder, tokenizer, schedule
         f"synthesised: {n} noisy latent-like samples {cfg.in_channels}x{size[0]}x{size[1]} at timesteps "
         f"{timesteps.tolist()} of {sched_name}; {cond_desc}; seed {seed}"
     )
-    return ProbeSet(tuple(units), desc)
+    return ProbeSet(tuple(units), desc, batch_size)
 
 
 def _text_probe_set(model, seed, n, batch_size, tokenizer) -> ProbeSet:
@@ -248,4 +274,4 @@ def _text_probe_set(model, seed, n, batch_size, tokenizer) -> ProbeSet:
         _call_unit((), {"input_ids": ids[sl], "attention_mask": mask[sl]})
         for sl in _batches(n, batch_size or n)
     ]
-    return ProbeSet(tuple(units), desc + "; output last_hidden_state")
+    return ProbeSet(tuple(units), desc + "; output last_hidden_state", batch_size or n)

@@ -30,8 +30,8 @@ class Measurement:
         """Compare outputs with reference outputs, unit by unit (sample = first dimension)."""
         x = torch.cat([o.double().reshape(o.shape[0], -1) for o in outs])
         r = torch.cat([o.double().reshape(o.shape[0], -1) for o in refs])
-        per_sample = ((x - r) ** 2).mean(1).numpy()
-        psnrs = psnr_from_mse(per_sample, r.abs().amax(1).numpy())
+        per_sample = ((x - r) ** 2).mean(1).cpu().numpy()
+        psnrs = psnr_from_mse(per_sample, r.abs().amax(1).cpu().numpy())
         cos = float(torch.nn.functional.cosine_similarity(x, r, dim=1, eps=1e-12).mean())
         return cls(float(psnrs.mean()), float(np.mean(per_sample)), cos, description, tuple(float(p) for p in psnrs))
 
@@ -45,7 +45,7 @@ def outputs(model: nn.Module, probe: ProbeSet) -> list[torch.Tensor]:
 def per_sample_mse(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> np.ndarray:
     """Per-sample MSE of outputs against reference outputs, unit by unit."""
     return torch.cat([((y.double() - r.double()) ** 2).reshape(r.shape[0], -1).mean(1)
-                      for y, r in zip(outs, refs)]).numpy()
+                      for y, r in zip(outs, refs)]).cpu().numpy()
 
 
 def probe_set_of(model: nn.Module, inputs: Any, seed: int, n_samples: int) -> ProbeSet:

@@ -54,13 +54,13 @@ def per_sample_grad(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torc
     if module.padding_mode != "zeros":
         x = nn.functional.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         padding = (0,) * (x.dim() - 2)
-    if isinstance(padding, str):  # 'same' / 'valid': let autograd work out the padding
-        out = []
-        for s in range(b):
-            wt = w.detach().float().requires_grad_(True)
-            y = module._conv_forward(x[s : s + 1].float(), wt, None)
-            out.append(torch.autograd.grad(y, wt, g[s : s + 1].float())[0].reshape(-1))
-        return torch.stack(out)
+    elif isinstance(padding, str):  # 'valid': none; 'same': what the conv itself pads, maybe unevenly
+        pads = [(0, 0)] * (x.dim() - 2)
+        if padding == "same":
+            pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                    for d, k in zip(module.dilation, module.kernel_size)]
+        x = nn.functional.pad(x, [p for left_right in reversed(pads) for p in left_right])
+        padding = (0,) * (x.dim() - 2)
     wf = w.detach().float()
     out = []
     for s in range(b):
@@ -81,7 +81,8 @@ class Recorder:
     def __init__(self, modules: dict[str, nn.Module], folds: dict[str, Any], importance: bool) -> None:
         self.folds = folds
         self.blocks: dict[str, dict[tuple[int, int], tuple]] = {n: {} for n in modules}
-        self.importance = {n: torch.zeros(m.weight.numel()) for n, m in modules.items()} if importance else None
+        self.importance = ({n: torch.zeros(m.weight.numel(), device=m.weight.device) for n, m in modules.items()}
+                           if importance else None)
         self.leaves: list[torch.Tensor] = []
         self.unit = 0
         self.probe = 0
@@ -125,15 +126,23 @@ class Recorder:
         keys = [(u, k) for u in range(len(unit_batches)) for k in range(n_probes)]
         blocks = self.blocks.pop(name)
         fold = self.folds[name]
-        parts = [blocks.pop(key, None) or fold.zeros(unit_batches[key[0]]) for key in keys]
+        parts = [tuple(t.cpu() for t in blocks.pop(key, None) or fold.zeros(unit_batches[key[0]])) for key in keys]
         sample = torch.cat([torch.arange(offsets[u], offsets[u] + unit_batches[u]) for u, _ in keys])
         return tuple(torch.cat(p) for p in zip(*parts)), sample
 
 
+def unit_generator(seed: int, unit: int) -> torch.Generator:
+    """The CPU generator of a unit's random projections: a function of the seed and the unit's
+    index alone, so a unit gets the same ones in any process, alone or with others."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + unit)
+
+
 def run_passes(model, targets, units, folds, n_probes, seed, want_importance, progress):
-    """Forward once per unit, K backward passes each, every layer's gradients folded by its fold;
-    returns {layer: (stacked blocks, sample of each row)}, per-sample peaks and sizes, importance."""
-    gen = torch.Generator().manual_seed(seed)
+    """Forward once per unit, K backward passes each, every layer's gradients folded by its fold.
+
+    `units`: (index, unit) pairs, the index seeding the unit's projections (`unit_generator`).
+    Returns {layer: (stacked blocks, sample of each row)} with samples counted over these units,
+    per-sample peaks and sizes, and the importance (mean squared gradient) if asked."""
     with guard(model, freeze=True) as hooks:
         rec = Recorder(targets, folds, want_importance)
         for name, m in targets.items():
@@ -141,19 +150,20 @@ def run_passes(model, targets, units, folds, n_probes, seed, want_importance, pr
         peaks, sizes, batches = [], [], []
         bar = tqdm(total=len(units) * n_probes, desc="probe passes", disable=not progress, leave=False)
         try:
-            for u, unit in enumerate(units):
+            for u, (index, unit) in enumerate(units):
                 rec.unit, rec.leaves = u, []
+                gen = unit_generator(seed, index)
                 with torch.enable_grad():
                     out = unit(model)
                     b = out.shape[0]
                     rec.batch = b
                     batches.append(b)
                     flat = out.detach().reshape(b, -1)
-                    peaks.append(flat.abs().amax(1).double())
+                    peaks.append(flat.abs().amax(1).double().cpu())
                     sizes.append(torch.full((b,), flat.shape[1], dtype=torch.int64))
                     for k in range(n_probes):
                         rec.probe = k
-                        v = torch.randint(0, 2, out.shape, generator=gen).float() * 2 - 1
+                        v = (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out.device, out.dtype)
                         if out.requires_grad and rec.leaves:
                             torch.autograd.grad((out * v).sum(), rec.leaves, retain_graph=k < n_probes - 1, allow_unused=True)
                         bar.update()

@@ -6,20 +6,27 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..recipe import Candidates
 from ..spec import PaletteSpec
+from .budget import estimate
 from .cache import Cache, fingerprint
 from .exhaustive import probe_exhaustive
 from .fast import probe_sketched, probe_streamed
 from .inputs import ProbeSet, make_probe_set
 from .sensitivity import METHODS, Cost, LayerInfo, Sensitivity
+from .shard import Shard
+
+
+DEFAULT_PROBES = 16  # backward passes (random projections) per probe sample
 
 
 def applicable(spec: PaletteSpec, shape: tuple[int, ...], name: str) -> bool:
@@ -48,7 +55,7 @@ def probe_sensitivity(
     candidates: Candidates | Sequence[PaletteSpec] | None = None,
     *,
     method: str = "fast",
-    n_probes: int = 16,
+    n_probes: int = DEFAULT_PROBES,
     seed: int = 0,
     cache: str | os.PathLike | None = None,
     importance: bool = False,
@@ -74,6 +81,7 @@ def probe_sensitivity(
     if n_probes < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
     t_start = time.perf_counter()
+    shard = Shard.current()
     cands = as_candidates(candidates)
     cand = cands.spec_list()
     targets = cands.layers(model)
@@ -86,22 +94,36 @@ def probe_sensitivity(
     shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
     fits = {n: [applicable(s, shapes[n], n) for s in cand] for n in targets}
     n_eff = n_probes if method == "fast" else 0
-    store = Cache(cache, fingerprint(targets, cand, method, seed, n_eff, probe.description))
+    store = Cache(cache, fingerprint(targets, cand, method, seed, n_eff, probe.description), shard.rank)
 
+    est = None
     if method == "fast":
         ok_specs = {n: [s for s, a in zip(cand, fits[n]) if a] for n in targets}
-        run = probe_sketched if keep_sketch else probe_streamed
-        errors, peak, size, imp, sketches, cluster_s = run(
-            model, targets, probe.units, cand, ok_specs, store, n_probes, seed, importance, progress
-        )
+        if keep_sketch:
+            if shard.world > 1:
+                raise ValueError("keep_sketch (and allocate_bits(importance=True)) runs in one process; "
+                                 "run it without torchrun")
+            errors, peak, size, imp, sketches, cluster_s = probe_sketched(
+                model, targets, probe, cand, ok_specs, store, n_probes, seed, importance, progress)
+        else:
+            if importance and shard.world > 1:
+                raise ValueError("importance=True runs in one process; run it without torchrun")
+            units = len(shard.mine(probe.units))
+            est = estimate(model, probe, targets, ok_specs, n_probes, units)
+            if progress:
+                tqdm.write(est.summary(), file=sys.stderr)
+            est.check()
+            errors, peak, size, imp, sketches, cluster_s = probe_streamed(
+                model, targets, probe, cand, ok_specs, store, n_probes, seed, importance, progress, shard)
         forwards, backwards = 1, n_probes
     else:
-        errors, peak, size, cluster_s = probe_exhaustive(model, targets, probe, cand, fits, store, seed, progress)
+        errors, peak, size, cluster_s = probe_exhaustive(model, targets, probe, cand, fits, store, seed, progress,
+                                                         shard)
         imp, sketches = None, None
         forwards, backwards = 1 + sum(sum(a) for a in fits.values()), 0
 
     nbytes = {n: [s.nbytes(shapes[n], n) if a else None for s, a in zip(cand, fits[n])] for n in targets}
-    cost = Cost(float(forwards + 2 * backwards), forwards, backwards, time.perf_counter() - t_start, cluster_s)
+    cost = Cost(float(forwards + 2 * backwards), forwards, backwards, time.perf_counter() - t_start, cluster_s, est)
     sens = Sensitivity(
         layers={n: LayerInfo(shapes[n], math.prod(shapes[n])) for n in targets},
         specs=cand, errors=errors, nbytes=nbytes, peak=np.asarray(peak, dtype=np.float64),

@@ -45,6 +45,7 @@ class Cost:
     backwards: int
     seconds: float = 0.0
     cluster_seconds: float = 0.0
+    estimate: Any = None  # the fast probe's ProbeEstimate (budget.py), made before it ran
 
     def to_dict(self) -> dict[str, Any]:
         return {"forward_equivalents": self.forward_equivalents, "forwards": self.forwards, "backwards": self.backwards}

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import metadata
+from .._exact1d import KEY_VALUES
 from ..cluster import Palette
 from ..spec import PaletteSpec
 
@@ -66,10 +68,11 @@ class ValueIndex:
     """The distinct (group, fp16 value) pairs of a weight, a group being `rows` consecutive output
     channels (None: the whole tensor). A weight change that depends only on the value within its
     group -- any unscaled scalar palette -- acts on the output through the gradient's sums over
-    these pairs: <g, dW> = sum_p H_p (q_p - u_p) + <g, fp16(W) - W>, exactly."""
+    these pairs: <g, dW> = sum_p H_p (q_p - u_p) + <g, fp16(W) - W>, exactly. Kept on the CPU,
+    whatever the weight's device (`keep_sketch` keeps the sums there)."""
 
     def __init__(self, w: torch.Tensor, rows: int | None) -> None:
-        keys = fp16_bits(w)
+        keys = fp16_bits(w.detach().cpu())
         self.rows = rows
         if rows is None:  # a 65536-entry table maps keys to slots: nothing stored per element
             present = torch.zeros(N_KEYS, dtype=torch.bool)
@@ -92,21 +95,18 @@ class ValueIndex:
 
     def slots(self, w: torch.Tensor) -> torch.Tensor:
         """(numel,) int64 slot of every element of the (unchanged) weight `w`."""
-        return self.table[fp16_bits(w)] if self.slot is None else self.slot.long()
+        return self.table[fp16_bits(w.detach().cpu())] if self.slot is None else self.slot.long()
 
     def fold(self, w: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
-        """Per-sample gradients `gs` (b, numel) -> their per-pair sums (b, n)."""
+        """Per-sample gradients `gs` (b, numel) -> their per-pair sums (b, n), on the CPU."""
         idx = self.slots(w.detach().reshape(-1))
+        gs = gs.cpu()
         return torch.stack([torch.bincount(idx, weights=gs[s], minlength=self.n) for s in range(gs.shape[0])])
-
-    def positions(self, w: torch.Tensor) -> torch.Tensor:
-        """(n,) the first flat position of every pair in the (unchanged) weight `w`."""
-        return rep_positions(self.slots(w), self.n)
 
     def change(self, new: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """q_p - u_p (n,) float64 for a new weight that is a function of the pair; else ValueError."""
         idx = self.slots(w)
-        new = new.detach().reshape(-1)
+        new = new.detach().reshape(-1).cpu()
         if new.numel() != idx.numel():
             raise ValueError(f"new weight has {new.numel()} elements, the layer {idx.numel()}")
         q = new[rep_positions(idx, self.n)].double()
@@ -125,13 +125,13 @@ class Scorer:
 
     def __init__(self, sk: Sketch, weight: torch.Tensor, n_probes: int, n_samples: int) -> None:
         self.sk, self.n_probes, self.n_samples = sk, n_probes, n_samples
-        self.weight = weight.detach().reshape(-1)
+        self.weight = weight.detach().reshape(-1).cpu()
         if sk.kind == "values":
             self.data = sk.data.double()
 
     def __call__(self, new: Palette | torch.Tensor) -> np.ndarray:
         sk = self.sk
-        w_new = (new.dequantize() if isinstance(new, Palette) else new.detach()).reshape(-1)
+        w_new = (new.dequantize() if isinstance(new, Palette) else new.detach()).reshape(-1).cpu()
         if sk.kind == "dense":
             if w_new.numel() != self.weight.numel():
                 raise ValueError(f"new weight has {w_new.numel()} elements, the layer {self.weight.numel()}")
@@ -143,8 +143,8 @@ class Scorer:
 def fp16_residual(w: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
     """(b,) <g_s, fp16(W) - W>: the part of every scalar palette's weight change that comes from
     rounding the weight to fp16 before clustering (zero for fp16 weights)."""
-    w = w.detach().reshape(-1)
-    return (gs @ (w.to(torch.float16).float() - w.float())).double()
+    w = w.detach().reshape(-1).double()
+    return gs.double() @ (w.to(torch.float16).double() - w)
 
 
 def fold_probes(z: torch.Tensor, sample: torch.Tensor, n_probes: int, n_samples: int) -> np.ndarray:
@@ -155,50 +155,111 @@ def fold_probes(z: torch.Tensor, sample: torch.Tensor, n_probes: int, n_samples:
     return (out / n_probes).numpy()
 
 
-def values_at(p: Palette, pos: torch.Tensor) -> torch.Tensor:
-    """The dequantized values of an unscaled scalar palette at flat positions `pos` (without
-    dequantizing the whole weight)."""
-    row = pos // p.indices[0].numel()
-    group = row // (p.indices.shape[0] // p.lut.shape[0])
-    return p.lut[group, p.indices.reshape(-1)[pos].long(), 0]
+def fp16_order_keys(w: torch.Tensor) -> torch.Tensor:
+    """Order-preserving keys (int64 in [0, 65536)) of a weight's fp16 values, flattened, on its
+    device: the keys `_exact1d.fp16_keys` computes (-0 is +0), so key order is value order."""
+    bits = w.detach().to(torch.float16).reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF
+    bits = torch.where(bits == 0x8000, torch.zeros_like(bits), bits)
+    return torch.where((bits & 0x8000) == 0, bits | 0x8000, ~bits & 0xFFFF).to(torch.int64)
+
+
+class LayerValues:
+    """The distinct fp16 values of a layer's weight in ascending order (their ranks), and the bin
+    (group, rank) of every element, recomputed from the weight when asked: nothing is stored per
+    element."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        present = torch.zeros(N_KEYS, dtype=torch.bool, device=w.device)
+        present[fp16_order_keys(w)] = True
+        self.rank = torch.cumsum(present.to(torch.int64), 0) - 1  # key -> rank, where present
+        keys = present.nonzero().reshape(-1)
+        self.values = torch.from_numpy(KEY_VALUES).to(w.device)[keys]  # (D,) float64, ascending
+        self.n = len(keys)
+
+    def bins(self, w: torch.Tensor, rows: int | None) -> torch.Tensor:
+        """(numel,) bin of every element: group * D + rank, groups of `rows` output channels."""
+        rank = self.rank[fp16_order_keys(w)]
+        if rows is None:
+            return rank
+        per_group = rows * (w.numel() // w.shape[0])
+        return rank + torch.arange(w.numel(), device=w.device) // per_group * self.n
+
+
+class Thresholds:
+    """Unscaled scalar palettes of one grouping as thresholds on the layer's value ranks. A weight
+    takes its nearest LUT entry (ties to the lower one), so within a group the cluster of LUT entry
+    j is a run of ranks [bounds[g, j], bounds[g, j + 1]): for per-sample gradients summed per
+    (group, rank) bin, H, the palette's <g, dW> is sum_j lut_j S_j - U_j (S, U the sums of H and
+    of H x value over the run) plus <g, fp16(W) - W>. Per group and LUT entry one bound and one
+    value: nothing per element or per distinct value."""
+
+    def __init__(self, values: LayerValues, rows: int | None, luts: list[np.ndarray], device: torch.device) -> None:
+        self.rows = rows
+        self.groups = luts[0].shape[0]
+        self.bounds, self.luts = [], []
+        for lut in luts:  # (groups, k) fp16, ascending
+            lut64 = torch.from_numpy(lut.astype(np.float64)).to(device)
+            mid = (lut64[:, :-1] + lut64[:, 1:]) / 2  # exact: fp16 values are exact in float64
+            inner = torch.searchsorted(values.values, mid, right=True)  # values <= mid go below
+            edge = torch.full((self.groups, 1), 0, dtype=torch.int64, device=device)
+            self.bounds.append(torch.cat([edge, inner, edge + values.n], 1))
+            self.luts.append(lut64)
+
+    def __call__(self, values: LayerValues, bins: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """(candidates,) float64 sum_j lut_j S_j - U_j for one gradient row `g` (numel,)."""
+        hist = torch.bincount(bins, weights=g.double(), minlength=self.groups * values.n).view(self.groups, -1)
+        zero = hist.new_zeros(self.groups, 1)
+        s = torch.cat([zero, hist.cumsum(1)], 1)
+        u = torch.cat([zero, (hist * values.values).cumsum(1)], 1)
+        out = []
+        for bounds, lut in zip(self.bounds, self.luts):
+            sums = s.gather(1, bounds).diff(dim=1)
+            usum = u.gather(1, bounds).diff(dim=1)
+            out.append((lut * sums - usum).sum())
+        return torch.stack(out)
 
 
 class Streamed:
     """A layer's candidate palettes, kept compact for the passes: each backward pass folds the
     per-sample gradients into <g, dW> for every candidate at once (no gradient is stored).
-    Scalar palettes act through per-pair gradient sums (`ValueIndex`), others through their
-    dequantized weight, rebuilt on the fly."""
+    Unscaled scalar palettes need only their LUTs (`Thresholds`, per grouping); others (scaled,
+    vector) keep their palette and act through their weight, rebuilt on the fly."""
 
-    def __init__(self, w: torch.Tensor, palettes: list[Palette]) -> None:
-        self.n = len(palettes)
-        # per grouping: its pair index, the columns it serves and their (n_pairs, columns) q - u
-        self.scalar: list[tuple[ValueIndex, list[int], torch.Tensor]] = []
-        self.other: list[tuple[int, Palette]] = []
+    def __init__(self, w: torch.Tensor, specs: list[PaletteSpec], luts: dict[int, np.ndarray],
+                 others: dict[int, Palette]) -> None:
+        self.n = len(specs)
+        self.values = LayerValues(w) if luts else None
         by_rows: dict[int | None, list[int]] = {}
-        for i, p in enumerate(palettes):
-            if is_value_function(p.spec):
-                by_rows.setdefault(group_rows(p.spec), []).append(i)
-            else:
-                self.other.append((i, p))
-        for rows, cols in by_rows.items():
-            index = ValueIndex(w, rows)
-            pos = index.positions(w)
-            change = torch.stack([values_at(palettes[i], pos).double() - index.u for i in cols], 1)
-            self.scalar.append((index, cols, change))
+        for i in luts:
+            by_rows.setdefault(group_rows(specs[i]), []).append(i)
+        self.scalar = [(cols, Thresholds(self.values, rows, [luts[i] for i in cols], w.device))
+                       for rows, cols in by_rows.items()]
+        self.other = sorted(others.items())
 
     def __call__(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor]:
         """(b, candidates) float64: <g_s, dW> for every sample and candidate."""
-        out = torch.empty(gs.shape[0], self.n, dtype=torch.float64)
-        resid = fp16_residual(w, gs)[:, None] if self.scalar else None
-        for index, cols, change in self.scalar:
-            out[:, cols] = index.fold(w, gs).double() @ change + resid
+        out = torch.empty(gs.shape[0], self.n, dtype=torch.float64, device=gs.device)
+        if self.scalar:
+            resid = fp16_residual(w, gs)
+            for cols, thresholds in self.scalar:
+                bins = self.values.bins(w.detach().reshape(w.shape[0], -1), thresholds.rows)
+                for r in range(gs.shape[0]):
+                    out[r, cols] = thresholds(self.values, bins, gs[r]) + resid[r]
         wf = w.detach().reshape(-1).float()
         for i, p in self.other:
-            out[:, i] = (gs @ (p.dequantize().reshape(-1).float() - wf)).double()
+            dw = metadata.exact_weight(p).reshape(-1).to(wf.device) - wf
+            out[:, i] = (gs @ dw).double()
         return (out,)
 
     def zeros(self, b: int) -> tuple[torch.Tensor]:
         return (torch.zeros(b, self.n, dtype=torch.float64),)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this layer's candidates hold during the passes."""
+        compact = sum(t.nbytes for _, th in self.scalar for t in (*th.bounds, *th.luts))
+        table = 0 if self.values is None else self.values.rank.nbytes + self.values.values.nbytes
+        return compact + table + sum(p.indices.nbytes + p.lut.nbytes for _, p in self.other)
 
 
 class SketchFold:

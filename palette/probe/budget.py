@@ -1,0 +1,161 @@
+"""Before the heavy work: an estimate of the fast probe's peak memory and time, from the model, the
+candidates and one measured forward pass, checked against what the machine (or the device) has.
+
+Peak = the model (already resident) + one unit's activations saved for the backward passes
+(measured) + every layer's compact candidates (exact) + the largest layer's transients (its
+per-sample gradients and their folds). Time = one unit's forward (measured) x units x (1 + K x
+the backward factor) + clustering (from the weight count).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..spec import PaletteSpec
+from .inputs import ProbeSet
+from .sketch import is_value_function
+
+GB = 1e9
+BACKWARD_FACTOR = 3.0  # a pass (input gradients, per-sample weight gradients, folds) / a forward
+CLUSTER_NS = {"per_tensor": 15.0, "per_grouped_channel": 100.0}  # all six bit-widths, per weight
+OVERHEAD = 600_000_000  # the interpreter, torch, numba and their arenas
+N_KEYS = 1 << 16
+
+
+@dataclass(frozen=True)
+class ProbeEstimate:
+    """What the fast probe is expected to need (bytes, seconds) and what there is."""
+
+    weights: int
+    activations: int
+    candidates: int
+    transient: int
+    forward_seconds: float
+    seconds: float
+    available: int  # free memory beyond what the model already holds
+    device: str
+
+    @property
+    def needed(self) -> int:
+        """Memory the probe adds to the resident model."""
+        return self.activations + self.candidates + self.transient + OVERHEAD
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.needed
+
+    def summary(self) -> str:
+        return (
+            f"probe estimate on {self.device}: peak {self.peak / GB:.1f} GB (model {self.weights / GB:.1f}, "
+            f"activations {self.activations / GB:.2f}, candidates {self.candidates / GB:.2f}, "
+            f"largest layer {self.transient / GB:.2f}); about {self.seconds / 60:.1f} min "
+            f"(one forward {self.forward_seconds:.1f} s); {self.available / GB:.1f} GB available"
+        )
+
+    def check(self) -> None:
+        """A ValueError naming options that fit when the probe would not fit in memory."""
+        if self.needed <= self.available:
+            return
+        raise ValueError(
+            f"the probe needs about {self.needed / GB:.1f} GB beyond the model (activations "
+            f"{self.activations / GB:.1f}, candidates {self.candidates / GB:.1f}, largest layer "
+            f"{self.transient / GB:.1f}, overhead {OVERHEAD / GB:.1f}) and {self.device} has "
+            f"{self.available / GB:.1f} GB free. Options that need less: one sample per batch "
+            "(make_probe_set(..., batch_size=1), CLI --batch-size 1), per_tensor candidates only "
+            "(Candidates(granularities=('per_tensor',)), --granularity per_tensor), a lower probe "
+            "resolution (make_probe_set(..., sample_size=...), --sample-size), fewer samples, or a "
+            "device with more memory (model.to('cuda'), --device cuda)"
+        )
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on `device`: the CUDA allocator's free bytes, else the machine's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):  # not Linux: no check
+        return 1 << 62
+
+
+def activation_bytes(model: nn.Module, probe: ProbeSet, targets: Mapping[str, nn.Module]) -> tuple[int, float]:
+    """(bytes saved for backward, seconds) of the first unit's forward as the probe runs it: the
+    parameters frozen, every target layer's output a graph leaf."""
+    from .passes import guard
+
+    sizes: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        sizes[(storage.data_ptr(), t.device)] = storage.nbytes()
+        return t
+
+    def leaf(module, args, output):
+        if isinstance(output, torch.Tensor) and not output.requires_grad:
+            output.requires_grad_(True)
+
+    with guard(model, freeze=True) as hooks:
+        hooks.extend(m.register_forward_hook(leaf) for m in targets.values())
+        t0 = time.perf_counter()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = probe.units[0](model)
+        seconds = time.perf_counter() - t0
+        del out
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for (ptr, _), n in sizes.items() if ptr not in params), seconds
+
+
+def candidate_bytes(shape: tuple[int, ...], specs: list[PaletteSpec]) -> int:
+    """Bytes of one layer's candidates in the passes (`sketch.Streamed`)."""
+    numel = math.prod(shape)
+    total = 0
+    compact = [s for s in specs if is_value_function(s)]
+    if compact:
+        total += 8 * N_KEYS + 8 * min(numel, N_KEYS)  # rank table and distinct values
+    for s in compact:
+        total += 8 * s.n_groups(shape[0]) * (2 * s.n_entries + 1)
+    for s in specs:
+        if not is_value_function(s):
+            total += numel // s.cluster_dim + s.nbytes(shape)
+    return total
+
+
+def transient_bytes(shape: tuple[int, ...], specs: list[PaletteSpec], batch: int) -> int:
+    """The largest working set of one layer's backward hook: per-sample gradients (float32), one
+    row in float64, the bins, and the per-(group, value) sums of the widest grouping."""
+    numel = math.prod(shape)
+    groups = max((s.n_groups(shape[0]) for s in specs if is_value_function(s)), default=0)
+    return 4 * numel * (batch + 1) + 16 * numel + 3 * 8 * groups * min(numel // max(groups, 1), N_KEYS)
+
+
+def estimate(
+    model: nn.Module,
+    probe: ProbeSet,
+    targets: Mapping[str, nn.Module],
+    ok_specs: Mapping[str, list[PaletteSpec]],
+    n_probes: int,
+    units: int,
+) -> ProbeEstimate:
+    """The fast probe's estimate for these layers and candidates (runs one forward pass)."""
+    device = next(model.parameters()).device
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    activations, forward_s = activation_bytes(model, probe, targets)
+    shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
+    cands = sum(candidate_bytes(shapes[n], ok_specs[n]) for n in targets)
+    batch = max(1, probe.batch_size)
+    transient = max(transient_bytes(shapes[n], ok_specs[n], batch) for n in targets)
+    grans = {s.granularity for specs in ok_specs.values() for s in specs}
+    numel = sum(math.prod(s) for s in shapes.values())
+    cluster_s = sum(CLUSTER_NS[g] for g in grans) * numel * 1e-9
+    seconds = forward_s * units * (1 + BACKWARD_FACTOR * n_probes) + cluster_s
+    return ProbeEstimate(weights, activations, cands, transient, forward_s, seconds, available_bytes(device),
+                         str(device))
