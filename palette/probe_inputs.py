@@ -133,6 +133,14 @@ def make_probe_set(
         UNet2DConditionModel = ()  # type: ignore[assignment]
     if isinstance(model, UNet2DConditionModel):
         return _unet_probe_set(model, seed, n_samples, batch_size, text_encoder, tokenizer, scheduler)
+    # -- diffusion transformers (SD3, FLUX, PixArt, SANA): palette.dit_inputs; text_encoder and
+    # tokenizer may be sequences there (the pipeline's encoders, in its order) --
+    from .dit_inputs import dit_probe_set, is_dit
+
+    if is_dit(model):
+        return dit_probe_set(model, seed=seed, n_samples=n_samples, batch_size=batch_size,
+                             text_encoders=text_encoder, tokenizers=tokenizer, scheduler=scheduler)
+    # -- end of diffusion transformers --
     if hasattr(model, "get_input_embeddings") and hasattr(getattr(model, "config", None), "vocab_size"):
         return _text_probe_set(model, seed, n_samples, batch_size, tokenizer)
     raise ValueError(
