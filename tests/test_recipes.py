@@ -81,7 +81,11 @@ def test_hub_specs_have_their_commands() -> None:
         parser.parse_args(shlex.split(line)[1:])
     ids = {m["model_id"] for m in specs["models"]}
     assert ids == {"stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1-base",
-                   "stabilityai/stable-diffusion-xl-base-1.0"}
+                   "stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-3-medium-diffusers",
+                   "stabilityai/stable-diffusion-3.5-large", "black-forest-labs/FLUX.1-schnell",
+                   "black-forest-labs/FLUX.1-dev", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+                   "Efficient-Large-Model/Sana_600M_1024px_diffusers",
+                   "Efficient-Large-Model/Sana_1600M_1024px_diffusers"}
     for m in specs["models"]:
         for c in m["components"]:
             for flag, key in (("--budget-gb", "budgets_gb"), ("--budget-bits", "budgets_bits")):

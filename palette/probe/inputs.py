@@ -150,6 +150,12 @@ def make_probe_set(
         UNet2DConditionModel = ()  # type: ignore[assignment]
     if isinstance(model, UNet2DConditionModel):
         return _unet_probe_set(model, seed, n_samples, batch_size, text_encoder, tokenizer, scheduler, sample_size)
+    from .dit_inputs import dit_probe_set, is_dit  # it builds on this module's pieces
+
+    if is_dit(model):  # diffusion transformers: text_encoder and tokenizer may be the pipeline's, in order
+        return dit_probe_set(model, seed=seed, n_samples=n_samples, batch_size=batch_size,
+                             text_encoders=text_encoder, tokenizers=tokenizer, scheduler=scheduler,
+                             latent_size=sample_size)
     if hasattr(model, "get_input_embeddings") and hasattr(getattr(model, "config", None), "vocab_size"):
         return _text_probe_set(model, seed, n_samples, batch_size, tokenizer)
     raise ValueError(
