@@ -1,9 +1,10 @@
 """ANE-friendly split-einsum attention: reversible rewrite and its validation."""
 
 from palette.ane.split_einsum import SplitEinsumState, is_split_einsum, restore_attention, split_einsum
-from palette.ane.validate import ProgramOps, SplitEinsumReport, psnr, validate_split_einsum
+from palette.ane.validate import CallInputs, ProgramOps, SplitEinsumReport, psnr, validate_split_einsum
 
 __all__ = [
+    "CallInputs",
     "ProgramOps",
     "SplitEinsumReport",
     "SplitEinsumState",

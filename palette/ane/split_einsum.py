@@ -1,7 +1,9 @@
 """`split_einsum` / `restore_attention`: rewrite every attention of a model for the ANE, reversibly.
 
-Covers diffusers `Attention` modules (UNet self- and cross-attention) and BERT- or CLIP-style
-attention of transformers text encoders. Layer names are unchanged, so recipes and palettes keyed by
+Covers diffusers attention modules (UNet self- and cross-attention; the joint, rotary and linear
+attention of SD3, FLUX, PixArt and SANA transformers) and BERT- or CLIP-style attention of
+transformers text encoders. A diffusers attention whose processor has no split-einsum form is an
+error naming it, and the model is left as it was. Layer names are unchanged, so recipes and palettes keyed by
 fully-qualified names keep working, and a palettization done while rewritten survives the restore.
 The undo information lives on the model itself (so it travels with a deepcopy).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
@@ -87,15 +90,15 @@ def _rewrite(model: nn.Module, state: SplitEinsumState) -> None:
     if is_bert_attention(model) or is_clip_attention(model):
         raise ValueError("pass the model that contains the attention module, not the module itself")
     text: list[tuple[str, nn.Module, str]] = []
-    diffusers: list[tuple[str, Attention]] = []
+    diffusers: list[tuple[str, nn.Module]] = []
     for prefix, parent in model.named_modules():
         for attr, child in parent.named_children():
             if is_bert_attention(child) or is_clip_attention(child):
                 text.append((f"{prefix}.{attr}" if prefix else attr, parent, attr))
-        if isinstance(parent, Attention):
+        if isinstance(parent, (Attention, AttentionModuleMixin)):  # FluxAttention is the latter
             diffusers.append((prefix, parent))
     for name, attn in diffusers:
-        state.undo.append(rewrite_diffusers_attention(attn, state.chunk_size))
+        state.undo.append(rewrite_diffusers_attention(name, attn, state.chunk_size))
         state.modules.append(name)
     for name, parent, attr in text:
         state.undo.append(rewrite_text_attention(parent, attr, state.chunk_size))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from palette.ane.attention import causal_mask, mask_to_ane, split_einsum_attention
+from palette.ane.attention import causal_mask, from_ane, mask_to_ane, split_einsum_attention, to_ane
 from palette.ane.conv import Conv1x1
 
 
@@ -43,14 +43,6 @@ def is_clip_attention(module: nn.Module) -> bool:
         and hasattr(module, "num_heads")
         and hasattr(module, "scale")
     )
-
-
-def _to_ane(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(1, 2).unsqueeze(2)
-
-
-def _from_ane(x: torch.Tensor) -> torch.Tensor:
-    return x.squeeze(2).transpose(1, 2)
 
 
 def _mask(
@@ -83,9 +75,9 @@ class SplitEinsumBertAttention(nn.Module):
         if past_key_values is not None:
             raise NotImplementedError("split-einsum attention does not support a key/value cache")
         inner = self.self
-        x = _to_ane(hidden_states)
+        x = to_ane(hidden_states)
         if self.is_cross_attention:
-            context, mask = _to_ane(encoder_hidden_states), encoder_attention_mask
+            context, mask = to_ane(encoder_hidden_states), encoder_attention_mask
         else:
             context, mask = x, attention_mask
         is_causal = bool(kwargs.get("is_causal", getattr(inner, "is_causal", False)))
@@ -99,7 +91,7 @@ class SplitEinsumBertAttention(nn.Module):
             chunk_size=self.chunk_size,
         )
         output = self.output
-        out = output.dropout(_from_ane(output.dense(out)))
+        out = output.dropout(from_ane(output.dense(out)))
         return output.LayerNorm(out + hidden_states), None
 
 
@@ -122,7 +114,7 @@ class SplitEinsumCLIPAttention(nn.Module):
         causal_attention_mask: torch.Tensor | None = None,
         **kwargs: object,
     ) -> tuple[torch.Tensor, None]:
-        x = _to_ane(hidden_states)
+        x = to_ane(hidden_states)
         if causal_attention_mask is not None:  # transformers 4.x passes the two masks separately
             attention_mask = (
                 causal_attention_mask if attention_mask is None else attention_mask + causal_attention_mask
@@ -137,7 +129,7 @@ class SplitEinsumCLIPAttention(nn.Module):
             mask=_mask(attention_mask, is_causal, x.shape[3], x),
             chunk_size=self.chunk_size,
         )
-        return _from_ane(self.out_proj(out)), None
+        return from_ane(self.out_proj(out)), None
 
 
 BERT_LINEARS = ("self.query", "self.key", "self.value", "output.dense")

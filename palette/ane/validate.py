@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,57 @@ from palette.metrics import psnr
 
 LAYOUT_OPS = ("transpose", "reshape")
 ATTENTION_OPS = ("einsum", "matmul", "softmax", "scaled_dot_product_attention")
+
+
+@dataclass(frozen=True)
+class CallInputs:
+    """The inputs of one model call: `model(*args, **kwargs)`.
+
+    Built by `CallInputs.of` from a tensor, a tuple or list of positional inputs, a dict of keyword
+    inputs, or an (args, kwargs) pair (a tuple or list, then a dict). For tracing, the tensors among
+    the top-level values are the traced inputs (`tensors`, named by `names`); everything else
+    (None, flags, nested dicts) is passed unchanged to every call.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    @classmethod
+    def of(cls, inputs: ModelInputs) -> CallInputs:
+        if isinstance(inputs, torch.Tensor):
+            return cls((inputs,), {})
+        if isinstance(inputs, Mapping):
+            return cls((), dict(inputs))
+        inputs = tuple(inputs)
+        if len(inputs) == 2 and isinstance(inputs[0], (tuple, list)) and isinstance(inputs[1], Mapping):
+            return cls(tuple(inputs[0]), dict(inputs[1]))
+        return cls(inputs, {})
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the traced inputs: `input_<i>` for positional ones, the keyword otherwise."""
+        positional = [f"input_{i}" for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)]
+        return positional + [k for k, v in self.kwargs.items() if isinstance(v, torch.Tensor)]
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The traced inputs: tensor positional inputs, then tensor keyword inputs, in order."""
+        values = [*self.args, *self.kwargs.values()]
+        return tuple(v for v in values if isinstance(v, torch.Tensor))
+
+    def call(self, model: nn.Module, tensors: Sequence[torch.Tensor] | None = None) -> object:
+        """`model(*args, **kwargs)`, with `tensors` (if given) in place of `self.tensors`."""
+        if tensors is None:
+            return model(*self.args, **self.kwargs)
+        it = iter(tensors)
+        args = [next(it) if isinstance(a, torch.Tensor) else a for a in self.args]
+        kwargs = {k: next(it) if isinstance(v, torch.Tensor) else v for k, v in self.kwargs.items()}
+        return model(*args, **kwargs)
+
+
+ModelInputs = (
+    torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any] | tuple[Sequence[Any], Mapping[str, Any]]
+)
 
 
 @dataclass
@@ -91,32 +143,34 @@ class SplitEinsumReport:
 
 def validate_split_einsum(
     model: nn.Module,
-    inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    inputs: ModelInputs,
     variant: str = "v1",
     chunk_size: int = 512,
     convert: bool = True,
     min_psnr: float = 60.0,
 ) -> SplitEinsumReport:
-    """Compare `model(*inputs)` with its split-einsum rewrite; optionally compare converted programs.
+    """Compare `model(...)` on `inputs` with its split-einsum rewrite; optionally compare converted programs.
 
-    The first tensor of the output is compared (`.sample` of a UNet, `last_hidden_state` of a text
-    encoder). Runs in eval mode without gradients; `model` is restored on the way out.
+    `inputs`: a tensor, a tuple of positional inputs, a dict of keyword inputs, or an (args, kwargs)
+    pair (see `CallInputs`). The first tensor of the output is compared (`.sample` of a UNet or a
+    diffusion transformer, `last_hidden_state` of a text encoder). Runs in eval mode without
+    gradients; `model` is restored on the way out.
     """
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    inputs = CallInputs.of(inputs)
     if is_split_einsum(model):
         raise RuntimeError("validate_split_einsum needs the model as it is, not already rewritten")
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
-            reference = _first_tensor(model(*inputs))
+            reference = _first_tensor(inputs.call(model))
         original_ops = None
         state: SplitEinsumState | None = None
         try:
             state = split_einsum(model, variant=variant, chunk_size=chunk_size)
             scopes = _attention_types(state)
             with torch.no_grad():
-                output = _first_tensor(model(*inputs))
+                output = _first_tensor(inputs.call(model))
             rewrite_ops = _program_ops(model, inputs, scopes) if convert else None
         finally:
             if state is not None:
@@ -163,19 +217,18 @@ def _first_tensor(output: object) -> torch.Tensor:
 
 
 class _FirstOutput(nn.Module):
-    """Wraps a model so that tracing sees a plain tensor output."""
+    """Wraps a model so that tracing sees plain tensor inputs (those of `inputs`) and output."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, inputs: CallInputs) -> None:
         super().__init__()
         self.model = model
+        self.inputs = inputs
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return _first_tensor(self.model(*inputs))
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return _first_tensor(self.inputs.call(self.model, tensors))
 
 
-def _program_ops(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], attention_types: set[str]
-) -> ProgramOps:
+def _program_ops(model: nn.Module, inputs: CallInputs, attention_types: set[str]) -> ProgramOps:
     """Trace and convert `model` (iOS18 mlprogram, not loaded) and count its MIL ops."""
     import coremltools as ct
     from coremltools.converters.mil.mil.scope import ScopeSource
@@ -183,14 +236,14 @@ def _program_ops(
     # Shapes are fixed for conversion, so shape-dependent Python branches are meant to be frozen.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(_FirstOutput(model).eval(), inputs, check_trace=False)
+        traced = torch.jit.trace(_FirstOutput(model, inputs).eval(), inputs.tensors, check_trace=False)
     ct_inputs = [
         ct.TensorType(
-            name=f"input_{i}",
+            name=name,
             shape=x.shape,
             dtype=np.int32 if not x.dtype.is_floating_point else np.float32,
         )
-        for i, x in enumerate(inputs)
+        for name, x in zip(inputs.names, inputs.tensors)
     ]
     mlmodel = ct.convert(
         traced,

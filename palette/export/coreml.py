@@ -33,14 +33,23 @@ from .verify import ExportReport, verify_mlpackage
 
 
 class _Traceable(nn.Module):
-    """Wraps a model so that tracing sees tensors only (`.sample`, `last_hidden_state`, ...)."""
+    """Wraps a model so that tracing sees tensors only (`.sample`, `last_hidden_state`, ...).
 
-    def __init__(self, model: nn.Module) -> None:
+    The last `len(keywords)` traced inputs are passed to the model by those keywords, and
+    `constants` (non-tensor keyword inputs) with every call.
+    """
+
+    def __init__(
+        self, model: nn.Module, keywords: Sequence[str] = (), constants: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.model = model
+        self.keywords = tuple(keywords)
+        self.constants = dict(constants or {})
 
     def forward(self, *args: torch.Tensor):
-        out = self.model(*args)
+        n = len(args) - len(self.keywords)
+        out = self.model(*args[:n], **dict(zip(self.keywords, args[n:])), **self.constants)
         if hasattr(out, "to_tuple"):
             out = out.to_tuple()
         if isinstance(out, (tuple, list)) and len(out) == 1:
@@ -89,7 +98,7 @@ def check_numpy() -> None:
         )
 
 
-def _input_types(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> list:
+def _input_types(model: nn.Module, example_inputs: Sequence[torch.Tensor], keywords: Sequence[str] = ()) -> list:
     import coremltools as ct
 
     params = [
@@ -97,7 +106,7 @@ def _input_types(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> li
         for p in inspect.signature(model.forward).parameters.values()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
-    names = params[: len(example_inputs)] if len(params) >= len(example_inputs) else []
+    names = list(keywords) or (params[: len(example_inputs)] if len(params) >= len(example_inputs) else [])
     types = []
     for i, t in enumerate(example_inputs):
         dtype = np.float32 if t.is_floating_point() else np.int32
@@ -108,7 +117,7 @@ def _input_types(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> li
 def export_coreml(
     model: nn.Module,
     path: str | os.PathLike,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, Any],
     recipe: Recipe | PaletteSpec | SpecMapping | None = None,
     minimum_deployment_target: Any = None,
     *,
@@ -117,6 +126,10 @@ def export_coreml(
     max_chunk_bytes: int | None = None,
 ) -> ExportReport:
     """Trace `model`, convert it with palette's palettes as Core ML LUTs, save to `path`.
+
+    `example_inputs`: positional tensors, or a dict of keyword inputs (diffusion transformers'
+    `encoder_hidden_states`, `img_ids`, ...) whose tensor values become the Core ML inputs, named
+    by their keys, and whose other values (None, flags, dicts) are passed as they are at tracing.
 
     `recipe`: a Recipe (or a spec or mapping: `Recipe.from_specs`), or None: the palettes the model
     carries (`palettize`, `apply_palettes`), if any; layers that look palettized (few distinct
@@ -137,7 +150,13 @@ def export_coreml(
 
     check_numpy()
     target = ct.target.iOS18 if minimum_deployment_target is None else minimum_deployment_target
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if isinstance(example_inputs, Mapping):
+        keywords = [k for k, v in example_inputs.items() if isinstance(v, torch.Tensor)]
+        constants = {k: v for k, v in example_inputs.items() if k not in keywords}
+        inputs = tuple(example_inputs[k] for k in keywords)
+    else:
+        keywords, constants = [], {}
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     palettes = planned_palettes(model, recipe)
     if recipe is None:
         _warn_lookalikes(model, palettes)
@@ -153,13 +172,13 @@ def export_coreml(
         )
     kept = {n: m.weight for n, m in target_layers(model).items() if n not in palettes}
     kwargs = {
-        "inputs": _input_types(model, inputs),
+        "inputs": _input_types(model, inputs, keywords),
         "convert_to": "mlprogram",
         "minimum_deployment_target": target,
         "compute_precision": ct.precision.FLOAT16,
         **(convert_kwargs or {}),
     }
-    wrapper = _Traceable(model)
+    wrapper = _Traceable(model, keywords, constants)
     training = {m: m.training for m in model.modules()}
     t0 = time.perf_counter()
     # with a recipe, the model carries exactly its palettes for this conversion only

@@ -44,7 +44,7 @@ def _fit(targets, chunk: list[str], ok_specs, seed: int) -> tuple[list[list[Pale
     return fitted, time.perf_counter() - t0
 
 
-def _candidates(targets, chunk: list[str], ok_specs) -> tuple[dict[str, Streamed], float]:
+def _candidates(targets, chunk: list[str], ok_specs, seed: int) -> tuple[dict[str, Streamed], float]:
     """Every candidate of a chunk of layers in compact form (`Streamed`), from one parallel
     clustering call: only LUTs for unscaled scalar specs, whole palettes for the others."""
     t0 = time.perf_counter()
@@ -56,7 +56,7 @@ def _candidates(targets, chunk: list[str], ok_specs) -> tuple[dict[str, Streamed
     needs = [n for n in chunk if rest[n]]
     if needs:
         pals = fit_palettes_batch([(targets[n].weight.detach(), [ok_specs[n][i] for i in rest[n]], None) for n in needs],
-                                  names=needs)
+                                  seed=seed, names=needs)
         others.update(zip(needs, pals))
     out = {n: Streamed(targets[n].weight, ok_specs[n], dict(zip(compact[n], lut)), dict(zip(rest[n], others[n])))
            for n, lut in zip(chunk, luts)}
@@ -78,7 +78,7 @@ def probe_streamed(model, targets, probe, cand, ok_specs, store, n_probes, seed,
     for i, chunk in shard.mine(chunks):
         cached = store.load_tensors(f"fit-{i}.pt")
         if cached is None or list(cached) != chunk:
-            cached, secs = _candidates(targets, chunk, ok_specs)
+            cached, secs = _candidates(targets, chunk, ok_specs, seed)
             cluster_s += secs
             store.save_tensors(f"fit-{i}.pt", cached)
         folds.update(cached)
