@@ -158,31 +158,41 @@ def fold_probes(z: torch.Tensor, sample: torch.Tensor, n_probes: int, n_samples:
 def fp16_order_keys(w: torch.Tensor) -> torch.Tensor:
     """Order-preserving keys (int64 in [0, 65536)) of a weight's fp16 values, flattened, on its
     device: the keys `_exact1d.fp16_keys` computes (-0 is +0), so key order is value order."""
-    bits = w.detach().to(torch.float16).reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF
+    return _order_keys(w.detach().to(torch.float16).reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF)
+
+
+def _order_keys(bits: torch.Tensor) -> torch.Tensor:
+    """Order-preserving keys of fp16 bit patterns given as int32 in [0, 65536)."""
     bits = torch.where(bits == 0x8000, torch.zeros_like(bits), bits)
     return torch.where((bits & 0x8000) == 0, bits | 0x8000, ~bits & 0xFFFF).to(torch.int64)
 
 
 class LayerValues:
-    """The distinct fp16 values of a layer's weight in ascending order (their ranks), and the bin
-    (group, rank) of every element, recomputed from the weight when asked: nothing is stored per
-    element."""
+    """The distinct fp16 values of a layer's weight in ascending order (their ranks), and the rank
+    of every element, looked up from its fp16 bit pattern when asked: nothing is stored per
+    element, only a table over the 65536 patterns."""
 
     def __init__(self, w: torch.Tensor) -> None:
         present = torch.zeros(N_KEYS, dtype=torch.bool, device=w.device)
         present[fp16_order_keys(w)] = True
-        self.rank = torch.cumsum(present.to(torch.int64), 0) - 1  # key -> rank, where present
+        rank = torch.cumsum(present.to(torch.int64), 0) - 1  # order key -> rank, where present
         keys = present.nonzero().reshape(-1)
         self.values = torch.from_numpy(KEY_VALUES).to(w.device)[keys]  # (D,) float64, ascending
         self.n = len(keys)
+        self.by_bits = rank[_order_keys(torch.arange(N_KEYS, dtype=torch.int32, device=w.device))]  # bits -> rank
 
-    def bins(self, w: torch.Tensor, rows: int | None) -> torch.Tensor:
+    def ranks(self, w: torch.Tensor) -> torch.Tensor:
+        """(numel,) int64 rank of every element's fp16 value, in memory order."""
+        bits = w.detach().to(torch.float16).reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF
+        return self.by_bits.index_select(0, bits)
+
+    def bins(self, ranks: torch.Tensor, rows: int | None, out_channels: int) -> torch.Tensor:
         """(numel,) bin of every element: group * D + rank, groups of `rows` output channels."""
-        rank = self.rank[fp16_order_keys(w)]
         if rows is None:
-            return rank
-        per_group = rows * (w.numel() // w.shape[0])
-        return rank + torch.arange(w.numel(), device=w.device) // per_group * self.n
+            return ranks
+        groups = out_channels // rows
+        offsets = torch.arange(groups, device=ranks.device) * self.n
+        return (ranks.view(groups, -1) + offsets[:, None]).view(-1)
 
 
 class Thresholds:
@@ -205,17 +215,17 @@ class Thresholds:
             self.bounds.append(torch.cat([edge, inner, edge + values.n], 1))
             self.luts.append(lut64)
 
-    def __call__(self, values: LayerValues, bins: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """(candidates,) float64 sum_j lut_j S_j - U_j for one gradient row `g` (numel,)."""
-        hist = torch.bincount(bins, weights=g.double(), minlength=self.groups * values.n).view(self.groups, -1)
-        zero = hist.new_zeros(self.groups, 1)
-        s = torch.cat([zero, hist.cumsum(1)], 1)
-        u = torch.cat([zero, (hist * values.values).cumsum(1)], 1)
+    def __call__(self, values: LayerValues, hist: torch.Tensor) -> torch.Tensor:
+        """(candidates,) float64 sum_j lut_j S_j - U_j for one gradient row summed per (group, rank)
+        bin, `hist` (groups, D) float64."""
+        width = values.n + 1
+        sums = torch.zeros(2, self.groups, width, dtype=torch.float64, device=hist.device)
+        sums[0, :, 1:] = hist
+        torch.mul(hist, values.values, out=sums[1, :, 1:])
+        s, u = sums.cumsum_(2)  # runs of ranks [a, b) sum to s[b] - s[a]
         out = []
         for bounds, lut in zip(self.bounds, self.luts):
-            sums = s.gather(1, bounds).diff(dim=1)
-            usum = u.gather(1, bounds).diff(dim=1)
-            out.append((lut * sums - usum).sum())
+            out.append((lut * s.gather(1, bounds).diff(dim=1) - u.gather(1, bounds).diff(dim=1)).sum())
         return torch.stack(out)
 
 
@@ -232,19 +242,35 @@ class Streamed:
         by_rows: dict[int | None, list[int]] = {}
         for i in luts:
             by_rows.setdefault(group_rows(specs[i]), []).append(i)
-        self.scalar = [(cols, Thresholds(self.values, rows, [luts[i] for i in cols], w.device))
-                       for rows, cols in by_rows.items()]
+        # finest grouping first: a coarser one sums its histogram when that is cheaper than a bincount
+        self.scalar = sorted(((cols, Thresholds(self.values, rows, [luts[i] for i in cols], w.device))
+                              for rows, cols in by_rows.items()), key=lambda c: -c[1].groups)
         self.other = sorted(others.items())
+
+    def _summed(self, numel: int) -> list[bool]:
+        """Per grouping of `scalar`: whether its histogram is summed from the finest one's (cheaper
+        than a bincount over the weight when the finest has fewer bins than the weight elements)."""
+        finest = self.scalar[0][1].groups
+        return [i > 0 and finest % th.groups == 0 and finest * self.values.n < numel
+                for i, (_, th) in enumerate(self.scalar)]
 
     def __call__(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor]:
         """(b, candidates) float64: <g_s, dW> for every sample and candidate."""
         out = torch.empty(gs.shape[0], self.n, dtype=torch.float64, device=gs.device)
         if self.scalar:
-            resid = fp16_residual(w, gs)
-            for cols, thresholds in self.scalar:
-                bins = self.values.bins(w.detach().reshape(w.shape[0], -1), thresholds.rows)
-                for r in range(gs.shape[0]):
-                    out[r, cols] = thresholds(self.values, bins, gs[r]) + resid[r]
+            g64 = gs.double()  # once for every grouping and the residual
+            resid = fp16_residual(w, g64)
+            ranks = self.values.ranks(w)
+            summed = self._summed(w.numel())
+            bins = [None if s else self.values.bins(ranks, th.rows, w.shape[0]) for s, (_, th) in zip(summed, self.scalar)]
+            d = self.values.n
+            for r in range(gs.shape[0]):
+                hists: list[torch.Tensor] = []
+                for (cols, th), b in zip(self.scalar, bins):
+                    hist = (hists[0].view(th.groups, -1, d).sum(1) if b is None
+                            else torch.bincount(b, weights=g64[r], minlength=th.groups * d).view(th.groups, d))
+                    hists.append(hist)
+                    out[r, cols] = th(self.values, hist) + resid[r]
         wf = w.detach().reshape(-1).float()
         for i, p in self.other:
             dw = metadata.exact_weight(p).reshape(-1).to(wf.device) - wf
@@ -258,7 +284,7 @@ class Streamed:
     def nbytes(self) -> int:
         """Bytes this layer's candidates hold during the passes."""
         compact = sum(t.nbytes for _, th in self.scalar for t in (*th.bounds, *th.luts))
-        table = 0 if self.values is None else self.values.rank.nbytes + self.values.values.nbytes
+        table = 0 if self.values is None else self.values.by_bits.nbytes + self.values.values.nbytes
         return compact + table + sum(p.indices.nbytes + p.lut.nbytes for _, p in self.other)
 
 
