@@ -30,6 +30,7 @@ _LAZY = {
     "cosine": "metrics",
     "spearman": "metrics",
     "allocate": "allocate",
+    "diff": "recipe_diff",
     "allocate_bits": "allocate",
     "export_coreml": "export",
     "palettize_mlpackage": "export",

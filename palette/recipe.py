@@ -336,6 +336,12 @@ class Recipe:
                 bar.update(len(batch))
         return {n: out[n] for n in order}
 
+    def diff(self, other: "Recipe", *, psnr_tol_db: float | None = None):
+        """What `other` changes from this recipe (`palette.recipe_diff.diff`): falsy when equivalent."""
+        from .recipe_diff import diff
+
+        return diff(self, other, psnr_tol_db=psnr_tol_db)
+
     # -- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
