@@ -31,6 +31,7 @@ _LAZY = {
     "spearman": "metrics",
     "allocate": "allocate",
     "diff": "recipe_diff",
+    "compare_recipes": "compare",
     "allocate_bits": "allocate",
     "export_coreml": "export",
     "palettize_mlpackage": "export",
