@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
 from torch import nn
 
 from palette.allocate import allocate_bits
+from palette.models.load import load_model
 from palette.models.zoo import build
-from palette.probe import make_probe_set
+from palette.probe import Sensitivity, make_probe_set
 from palette.recipe import Recipe, layer_bytes
 from palette.spec import PaletteSpec
 from palette.testing import (
@@ -24,7 +27,8 @@ from palette.testing import (
     assert_same_recipe,
 )
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
 THREE = RECIPES / "default_3bit.json"
 
 
@@ -85,19 +89,19 @@ def test_same_recipe() -> None:
 
 
 def test_golden_file_after_reallocation(tmp_path: Path) -> None:
-    unet = tiny()
-    probe = make_probe_set(unet, seed=0, n_samples=2)
+    unet = load_model("default").model
+    sens = Sensitivity.load(RECIPES / "default_sensitivity.json")
     golden = tmp_path / "golden.json"
     with pytest.raises(AssertionError, match="update=True"):
         assert_matches_golden(Recipe.from_specs(unet, PaletteSpec(4)), golden)
-    first = allocate_bits(unet, budget_bits=3, inputs=probe, seed=0, progress=False)
+    first = allocate_bits(unet, budget_bits=3, sensitivity=sens, seed=0, progress=False)
     assert_matches_golden(first, golden, update=True)
-    again = allocate_bits(unet, budget_bits=3, inputs=probe, seed=0, progress=False)
+    again = allocate_bits(unet, budget_bits=3, sensitivity=sens, seed=0, progress=False)
     assert_matches_golden(again, golden)
     again.save(tmp_path / "again.json")
     assert_matches_golden(tmp_path / "again.json", golden)
 
-    lower = allocate_bits(unet, budget_bits=2.5, inputs=probe, seed=0, progress=False)
+    lower = allocate_bits(unet, budget_bits=2.5, sensitivity=sens, seed=0, progress=False)
     with pytest.raises(AssertionError) as e:
         assert_matches_golden(lower, golden)
     changed = next(n for n in first.layers if first.layers[n] != lower.layers[n])
@@ -108,3 +112,34 @@ def test_golden_file_after_reallocation(tmp_path: Path) -> None:
         assert_matches_golden(relabelled, golden)
     assert "line" in str(e.value) and "the plan is the same" in str(e.value)
     assert json.loads(golden.read_text()) == first.to_dict()
+
+
+def readme_golden_example() -> str:
+    blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+    found = [b for b in blocks if b.startswith("# tests/test_golden_recipe.py")]
+    assert len(found) == 1, "README.md has no golden-recipe test example"
+    return found[0]
+
+
+def test_the_readme_golden_recipe_example(tmp_path: Path, monkeypatch) -> None:
+    """The README's copyable test file: it writes its golden file, then passes, then fails naming
+    the layer when the golden file says otherwise."""
+    path = tmp_path / "test_golden_recipe.py"
+    path.write_text(readme_golden_example())
+    spec = importlib.util.spec_from_file_location("readme_golden_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    golden = tmp_path / "unet_recipe.golden.json"
+
+    monkeypatch.setenv("UPDATE_GOLDEN", "1")
+    module.test_golden_recipe()
+    assert golden.exists()
+    monkeypatch.delenv("UPDATE_GOLDEN")
+    module.test_golden_recipe()
+
+    recipe = Recipe.load(golden)
+    name = next(n for n, s in recipe.layers.items() if s is not None and s.nbits != 8)
+    dataclasses.replace(recipe, layers={**recipe.layers, name: PaletteSpec(8)}).save(golden)
+    with pytest.raises(AssertionError) as e:
+        module.test_golden_recipe()
+    assert name in str(e.value) and "8b" in str(e.value)
