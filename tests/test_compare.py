@@ -5,6 +5,7 @@ data-free inputs, the model left unchanged, bad input refused."""
 from __future__ import annotations
 
 import functools
+import json
 import re
 from pathlib import Path
 
@@ -121,11 +122,21 @@ def test_data_free_inputs_on_a_tiny_unet_and_bad_recipes() -> None:
 
 
 def test_cli_compare(tmp_path: Path, capsys) -> None:
-    a, b = str(RECIPES / "default_3bit.json"), str(RECIPES / "default_4bit.json")
-    code = main(["compare", "--model", "default", a, b, "--samples", "1", "--plot", str(tmp_path / "p.png"), "-q"])
-    out = capsys.readouterr().out
-    assert code == 0 and "default_3bit.json" in out and "default_4bit.json" in out
-    assert (tmp_path / "p.png").read_bytes()[:8] == PNG
+    """`palette compare --samples 2` measures on the demo's probe set: it gives what the recipes
+    recorded (tests/test_recipes.py re-measures those) and what README quotes."""
+    a, b = str(RECIPES / "default_4bit.json"), str(RECIPES / "default_3bit.json")
+    code = main(["compare", "--model", "default", a, "--samples", "2", "--plot", str(tmp_path / "p.png"),
+                 "--json", "-q"])
+    got = json.loads(capsys.readouterr().out)
+    assert code == 0 and (tmp_path / "p.png").read_bytes()[:8] == PNG
+    assert [r["label"] for r in got["recipes"]] == ["default_4bit.json"] and got["pairwise_psnr"] == {
+        "default_4bit.json": {}}
+    assert got["recipes"][0]["psnr"] == pytest.approx(Recipe.load(a).info["measured"]["psnr"], abs=1e-6)
+    quoted = re.search(r"the 4-bit and 3-bit recipes above give (\d+\.\d+) and (\d+\.\d+) dB",
+                       " ".join((ROOT / "README.md").read_text().split()))
+    assert quoted, "README does not quote palette compare's figures"
+    assert quoted.group(1) == f"{got['recipes'][0]['psnr']:.2f}"
+    assert quoted.group(2) == f"{Recipe.load(b).info['measured']['psnr']:.2f}"
     for argv in ([a, str(tmp_path / "missing.json")], [a, a], [a, "--plot", str(tmp_path / "p.jpg")],
                  [a, str(RECIPES / "minilm_3bit.json")]):
         code = main(["compare", "--model", "default", "-q", *argv])
