@@ -30,6 +30,8 @@ _LAZY = {
     "cosine": "metrics",
     "spearman": "metrics",
     "allocate": "allocate",
+    "diff": "recipe_diff",
+    "compare_recipes": "compare",
     "allocate_bits": "allocate",
     "export_coreml": "export",
     "palettize_mlpackage": "export",

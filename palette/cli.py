@@ -1,4 +1,4 @@
-"""The `palette` command line: analyze, allocate, apply, export, verify, bench, demo.
+"""The `palette` command line: analyze, allocate, apply, export, verify, diff, compare, bench, demo.
 
 Every subcommand that reads a model takes `--model`: `default` (the embedded default model's UNet),
 `minilm` (all-MiniLM-L6-v2), a local `from_pretrained` directory (with `--subfolder` for a
@@ -383,6 +383,66 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return max(r["returncode"] for r in runs)
 
 
+def _load_recipe(path: str, what: str):
+    """A recipe file the user named, any problem with it a UsageError of one line."""
+    from .recipe import Recipe
+
+    try:
+        return Recipe.load(_existing(path, what))
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise UsageError(" ".join(str(e).split())) from None
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Per-layer differences of two recipes; exit 1 when they differ (a CI gate), 0 when equivalent."""
+    a, b = _load_recipe(args.a, "recipe"), _load_recipe(args.b, "recipe")
+    d = a.diff(b, psnr_tol_db=args.psnr_tol)
+    text = f"a: {args.a}\nb: {args.b}\n{d}"
+    _emit(args, {"a": args.a, "b": args.b, **d.to_dict()}, text)
+    return 1 if d else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Several recipes on the same probe inputs: measured PSNR, size, PSNR between their outputs."""
+    from .compare import compare_recipes
+
+    if len(set(args.recipes)) < len(args.recipes):
+        raise UsageError("a recipe is named twice: name each one once")
+    names = [Path(p).name for p in args.recipes]
+    labels = names if len(set(names)) == len(names) else args.recipes  # file names where they tell them apart
+    recipes = {label: _load_recipe(path, "recipe") for label, path in zip(labels, args.recipes)}
+    for c, flag in ((args.plot, "--plot"), (args.grid, "--grid")):
+        if c is not None and Path(c).suffix.lower() != ".png":
+            raise UsageError(f"{flag} {c}: expected a .png path")
+    loaded = _model(args)
+    if args.grid and loaded.pipeline is None:
+        raise UsageError(f"--grid samples images with the model's pipeline; {loaded.label} has none here "
+                         "(the default model has one)")
+    for path, recipe in recipes.items():
+        try:
+            recipe.check(loaded.model)
+        except ValueError as e:
+            raise UsageError(f"{path}: " + " ".join(str(e).split())) from None
+    _note(args, f"running {len(recipes)} recipe(s) on {args.samples} probe samples...")
+    result = compare_recipes(loaded.model, recipes, _probe_set(args, loaded, args.seed), seed=args.seed)
+    out = result.to_dict()
+    text = str(result)
+    if args.plot:
+        out["plot"] = str(result.plot(args.plot))
+        text += f"\nplot: {args.plot}"
+    if args.grid:
+        from .models.data import held_out_captions
+
+        _note(args, f"sampling {args.prompts} prompts with {len(recipes) + 1} variants...")
+        scores = result.sample_grid(args.grid, loaded.model, loaded.pipeline, held_out_captions(args.prompts),
+                                    steps=args.steps, seed=args.seed)
+        out["grid"], out["image_psnr"] = args.grid, scores
+        text += f"\ngrid: {args.grid} (image PSNR: " + ", ".join(f"{k} {v:.2f} dB" for k, v in scores.items()) + ")"
+    return _emit(args, out, text)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the default model (see palette/demo.py)."""
     from .demo import run_demo
@@ -461,6 +521,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 EPILOG = """\
 examples:
   palette demo                                     # the main job on the default model, into out/
@@ -469,8 +536,10 @@ examples:
   palette export --model minilm --recipe recipe.json -o minilm.mlpackage
   palette verify minilm.mlpackage --model minilm --recipe recipe.json
   palette allocate --model path/to/sd15 --subfolder unet --budget-gb 0.75 -o unet.json
+  palette diff golden.json recipe.json             # exit 1 when they differ: a CI gate
+  palette compare --model default a.json b.json --plot cmp.png
 
-exit status: 0 success, 1 failure (e.g. a benchmark failed), 2 bad arguments or inputs
+exit status: 0 success, 1 failure (a benchmark failed, `diff` found differences), 2 bad arguments or inputs
 """
 
 
@@ -557,6 +626,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="benchmarks to run (bench_<name>.py); all by default")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments after -- go to every script")
+
+    p = add("diff", cmd_diff, "compare two recipes layer by layer; exit 1 when they differ, 0 when equivalent",
+            [_common(model=False)])
+    p.add_argument("a", metavar="A.json", help="the reference recipe (e.g. the golden one)")
+    p.add_argument("b", metavar="B.json", help="the recipe to compare with it")
+    p.add_argument("--psnr-tol", type=_non_negative_float, metavar="DB",
+                   help="also count predicted PSNRs further apart than DB dB as a difference "
+                   "(default: predicted PSNR is reported, not compared)")
+
+    p = add("compare", cmd_compare, "run several recipes on the same probe inputs and compare their outputs",
+            [common])
+    p.add_argument("recipes", nargs="+", metavar="RECIPE.json", help="recipe JSON files (from `palette allocate`)")
+    p.add_argument("--samples", type=_positive, default=8, metavar="N",
+                   help="probe samples (data-free, synthesised; the default model's demo uses 2)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the probe inputs and of the samples")
+    p.add_argument("--plot", metavar="PNG", help="also write measured PSNR against size, every recipe labelled")
+    p.add_argument("--grid", metavar="PNG",
+                   help="also sample the same prompts and seed at 16 bits and with every recipe (the default model)")
+    p.add_argument("--prompts", type=_positive, default=6, metavar="N", help="held-out captions to sample for --grid")
+    p.add_argument("--steps", type=_positive, default=20, metavar="N", help="sampling steps for --grid")
 
     p = add("demo", cmd_demo, "the main job on the default model: probe, allocate, export, sample, plot",
             [_common(model=False)])

@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .palettize import palettized, target_layers
+from .metrics import image_psnr
+from .palettize import target_layers
+from .plot import row_label, write_grid
 from .recipe import Candidates, Recipe
 from .spec import PaletteSpec
 
@@ -55,7 +57,8 @@ class Variant:
 
 def run_demo(args: argparse.Namespace) -> int:
     from .allocate import allocate_bits
-    from .models.data import split_scenes
+    from .compare import sample_images
+    from .models.data import held_out_captions
     from .models.load import load_model
     from .probe import measure, probe_sensitivity
 
@@ -110,15 +113,12 @@ def run_demo(args: argparse.Namespace) -> int:
     done("measure")
 
     stage("sample")
-    prompts = [s.caption for s in split_scenes()[1][: cfg.prompts]]
-    images = []
-    for v in variants:
-        with palettized(unet, v.recipe.palettes(unet) if v.recipe is not None else {}):
-            images.append(pipe(prompts, steps=cfg.steps, seed=args.seed))
+    prompts = held_out_captions(cfg.prompts)
+    images = sample_images(unet, pipe, [v.recipe for v in variants], prompts, steps=cfg.steps, seed=args.seed)
     for v, imgs in zip(variants[1:], images[1:]):
         v.image_psnr = image_psnr(imgs, images[0])
     grid = out / "demo_grid.png"
-    write_grid(grid, variants, images, prompts, cfg.steps, args.seed)
+    write_demo_grid(grid, variants, images, prompts, cfg.steps, args.seed)
     done("sample")
 
     stage("plot")
@@ -166,12 +166,6 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def image_psnr(images: np.ndarray, ref: np.ndarray) -> float:
-    """PSNR (dB, peak 255) of uint8 images against the 16-bit model's, per image, averaged."""
-    err = ((images.astype(np.float64) - ref.astype(np.float64)) ** 2).reshape(len(ref), -1).mean(1)
-    return float(np.mean(10 * np.log10(255.0**2 / np.maximum(err, 1e-10))))
-
-
 def table(variants: list[Variant], label: str, layers: int) -> str:
     def f(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
@@ -186,32 +180,12 @@ def table(variants: list[Variant], label: str, layers: int) -> str:
     return "\n".join(rows)
 
 
-def write_grid(path: Path, variants: list[Variant], images: list[np.ndarray], prompts: list[str],
-               steps: int, seed: int) -> None:
+def write_demo_grid(path: Path, variants: list[Variant], images: list[np.ndarray], prompts: list[str],
+                    steps: int, seed: int) -> None:
     """Rows: variants (with size and PSNR); columns: prompts (captions on top); same seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, cols = len(variants), len(prompts)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 1.6, 2.0 * rows + 0.9), squeeze=False)
-    for r, (v, imgs) in enumerate(zip(variants, images)):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.imshow(imgs[c], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(prompts[c].replace(" in the ", "\nin the ").replace(" on a ", "\non a "), fontsize=7)
-        label = f"{v.name}\n{v.size_bytes / 1e6:.2f} MB, {v.bits_per_weight:.2f} b/w"
-        if v.measured_psnr is not None:
-            label += f"\nlatent {v.measured_psnr:.1f} dB"
-        axes[r][0].set_ylabel(label, fontsize=7.5, rotation=0, ha="right", va="center")
-    fig.suptitle(f"palette default model: same prompts, seed {seed}, {steps} DPM-Solver++ steps", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    rows = [(row_label(v.name, v.size_bytes, v.bits_per_weight, v.measured_psnr), imgs)
+            for v, imgs in zip(variants, images)]
+    write_grid(path, rows, prompts, f"palette default model: same prompts, seed {seed}, {steps} DPM-Solver++ steps")
 
 
 __all__ = ["run_demo"]

@@ -1,4 +1,4 @@
-"""Output-error metrics: Apple's latent PSNR, MSE, cosine similarity, and Spearman rank correlation.
+"""Output-error metrics: Apple's latent PSNR, image PSNR, MSE, cosine similarity, and Spearman rank correlation.
 
 Every per-sample metric treats the first dimension as the sample axis and averages over samples,
 as Apple's ml-stable-diffusion pre-analysis does for PSNR.
@@ -37,6 +37,12 @@ def psnr_per_sample(x: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Apple's latent PSNR in dB: per sample (first dim), then averaged."""
     return float(psnr_per_sample(x, ref).mean())
+
+
+def image_psnr(images: np.ndarray, ref: np.ndarray) -> float:
+    """PSNR (dB, peak 255) of uint8 images against reference images, per image, averaged."""
+    err = ((images.astype(np.float64) - ref.astype(np.float64)) ** 2).reshape(len(ref), -1).mean(1)
+    return float(np.mean(10 * np.log10(255.0**2 / np.maximum(err, 1e-10))))
 
 
 def mse(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # tiny ones left out (Apple's MBP uses 1e5, which would skip whole small models).
 DEFAULT_MIN_NUMEL = 2048
 BATCH_NUMEL = 1 << 25  # weights clustered per parallel call: both cores busy, memory bounded
+
+if TYPE_CHECKING:
+    from .recipe_diff import RecipeDiff
 
 SpecMapping = Mapping[Any, "PaletteSpec | None"]  # keys: layer names, regular expressions, module types
 
@@ -335,6 +338,12 @@ class Recipe:
                     out[n] = pal
                 bar.update(len(batch))
         return {n: out[n] for n in order}
+
+    def diff(self, other: "Recipe", *, psnr_tol_db: float | None = None) -> "RecipeDiff":
+        """What `other` changes from this recipe (`palette.recipe_diff.diff`): falsy when equivalent."""
+        from .recipe_diff import diff
+
+        return diff(self, other, psnr_tol_db=psnr_tol_db)
 
     # -- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -77,6 +77,11 @@ def split_scenes() -> tuple[tuple[Scene, ...], tuple[Scene, ...]]:
     return tuple(scenes[i] for i in train), tuple(scenes[i] for i in held)
 
 
+def held_out_captions(n: int) -> list[str]:
+    """The first `n` held-out captions: the prompts the demo and `palette compare --grid` sample."""
+    return [s.caption for s in split_scenes()[1][:n]]
+
+
 def sample_scenes(n: int, seed: int, split: str = "train") -> list[Scene]:
     """``n`` scenes drawn uniformly (with replacement) from a split ("train", "held_out", "all")."""
     train, held = split_scenes()

@@ -192,10 +192,10 @@ def render_grid(path: str | Path, prompts: list[str] | None = None, steps: int =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from palette.models.data import split_scenes
+    from palette.models.data import held_out_captions
 
     if prompts is None:
-        prompts = [s.caption for s in split_scenes()[1][:24]]
+        prompts = held_out_captions(24)
     images = generate(prompts, steps=steps, seed=seed)
     cols = 6
     rows = -(-len(prompts) // cols)

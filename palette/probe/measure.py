@@ -66,9 +66,14 @@ def measure(
     (`inputs`: a ProbeSet, user inputs, or None to synthesise `n_samples` with `seed`), compare with
     the original outputs (`refs` if already computed), and restore the model, whatever happens."""
     probe = probe_set_of(model, inputs, seed, n_samples)
-    recipe = as_recipe(model, plan, seed=seed)
-    palettes = recipe.palettes(model)
-    refs = outputs(model, probe) if refs is None else refs
+    outs = palettized_outputs(model, plan, probe, seed=seed)
+    return Measurement.of(outs, outputs(model, probe) if refs is None else refs, probe.description)
+
+
+def palettized_outputs(
+    model: nn.Module, plan: Recipe | PaletteSpec | SpecMapping, probe: ProbeSet, *, seed: int = 0
+) -> list[torch.Tensor]:
+    """The model's outputs on `probe` with `plan` applied (fitted first), the model restored after."""
+    palettes = as_recipe(model, plan, seed=seed).palettes(model)
     with palettized(model, palettes):
-        outs = outputs(model, probe)
-    return Measurement.of(outs, refs, probe.description)
+        return outputs(model, probe)
