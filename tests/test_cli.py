@@ -61,10 +61,10 @@ def test_help_lists_every_subcommand_and_reads_well(capsys) -> None:
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("analyze", "allocate", "apply", "export", "verify", "bench", "demo"):
+    for cmd in ("analyze", "allocate", "apply", "export", "verify", "diff", "compare", "bench", "demo"):
         assert f"\n    {cmd} " in out
     assert "examples:" in out and "(default: None)" not in out
-    for cmd in ("analyze", "allocate", "apply", "export", "verify", "bench", "demo"):
+    for cmd in ("analyze", "allocate", "apply", "export", "verify", "diff", "compare", "bench", "demo"):
         help_text = build_parser()._subparsers._group_actions[0].choices[cmd].format_help()
         assert "(default: None)" not in help_text and "(default: False)" not in help_text
 
