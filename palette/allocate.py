@@ -26,6 +26,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from decimal import ROUND_FLOOR, Decimal
+
+from ._checks import check_loaded, integer, number
+from .palettize import untouched
 from .chunking import chunks_needed, layer_bytes_in_order
 from .cluster import fit_palettes
 from .probe import ProbeSet, Sensitivity, make_probe_set, measure, probe_sensitivity
@@ -172,6 +176,26 @@ def add_weighted_options(
                 options[n].append(Option(o.spec, o.nbytes, err, per_sample, pal.lut))
 
 
+def check_budget(budget_gb: Any, budget_bits: Any) -> tuple[float | None, float | None]:
+    """Exactly one of the two budgets, a finite positive number (a ValueError naming it otherwise)."""
+    if (budget_gb is None) == (budget_bits is None):
+        raise ValueError("give exactly one of budget_gb (whole model, decimal GB) or budget_bits")
+    if budget_gb is not None:
+        return number(budget_gb, "budget_gb", positive=True), None
+    return None, number(budget_bits, "budget_bits", positive=True)
+
+
+def budget_bytes(budget_gb: float | None, budget_bits: float | None, fixed: int, numel: int) -> int:
+    """The budget in whole bytes, computed exactly (decimal arithmetic on the number as written, so
+    that a budget of exactly a reachable size, e.g. `size_bytes / 1e9`, is that size and not one
+    byte less from binary rounding); a huge budget is a huge int, never an OverflowError."""
+    if budget_gb is not None:
+        gb = Decimal(repr(float(budget_gb)))
+        return int((gb * Decimal(int(GB))).to_integral_value(rounding=ROUND_FLOOR))
+    bits = Decimal(repr(float(budget_bits)))
+    return fixed + int((bits * numel / 8).to_integral_value(rounding=ROUND_FLOOR))
+
+
 def _bits(nbytes: int, numel: int) -> float:
     return 8 * nbytes / numel
 
@@ -193,11 +217,7 @@ def allocate(
     every other parameter at 16 bits). `budget_bits`: average bits per target weight instead.
     `max_chunk_bytes` rules out any option storing more than that in one weight. Its
     `predicted_psnr` is the additive estimate (`calibrate_recipe` measures it)."""
-    if (budget_gb is None) == (budget_bits is None):
-        raise ValueError("give exactly one of budget_gb (whole model, decimal GB) or budget_bits")
-    budget = budget_gb if budget_gb is not None else budget_bits
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
-        raise ValueError(f"the budget must be a positive number, got {budget!r}")
+    budget_gb, budget_bits = check_budget(budget_gb, budget_bits)
     opts = dict(options) if options is not None else layer_options(sensitivity, list(base.layers))
     if max_chunk_bytes is not None:
         opts = {n: [o for o in os_ if o.nbytes <= max_chunk_bytes] or list(os_) for n, os_ in opts.items()}
@@ -205,7 +225,7 @@ def allocate(
     numel = sum(math.prod(s) for s in base.shapes.values())
     full = fixed + 2 * numel
     smallest = fixed + sum(min(o.nbytes for o in layer) for layer in opts.values())
-    capacity = int(budget_gb * GB) if budget_gb is not None else fixed + int(budget_bits * numel / 8)
+    capacity = min(budget_bytes(budget_gb, budget_bits, fixed, numel), full)  # more than the model: all of it
     info: dict[str, Any] = {
         **base.info,
         "budget": {"gb": budget_gb, "bits": budget_bits, "bytes": capacity},
@@ -284,8 +304,20 @@ def allocate_bits(
     importance, and keeps it (its LUT stored in the recipe) only where it predicts less error.
     `calibrate=True` makes the recipe measured on the probe set its `predicted_psnr`; without the
     probe set (a `sensitivity` from inputs not given here) the additive estimate is kept and
-    `info["calibration"]` says why. The model is not modified.
+    `info["calibration"]` says why. The model is not modified (`untouched`: run in eval mode, every
+    training flag and buffer restored, also on an exception or Ctrl-C).
     """
+    check_loaded(model)
+    budget_gb, budget_bits = check_budget(budget_gb, budget_bits)
+    n_probes = integer(n_probes, "n_probes", minimum=1)
+    seed = integer(seed, "seed")
+    with untouched(model):
+        return _allocate_bits(model, budget_gb, budget_bits, inputs, sensitivity, candidates, method, n_probes,
+                              seed, importance, max_chunk_bytes, calibrate, cache, progress)
+
+
+def _allocate_bits(model, budget_gb, budget_bits, inputs, sensitivity, candidates, method, n_probes, seed,
+                   importance, max_chunk_bytes, calibrate, cache, progress) -> Recipe:
     cands = as_candidates(candidates)
     targets = cands.layers(model)
     if not targets:

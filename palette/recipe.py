@@ -47,18 +47,45 @@ BATCH_NUMEL = 1 << 25  # weights clustered per parallel call: both cores busy, m
 SpecMapping = Mapping[Any, "PaletteSpec | None"]  # keys: layer names, regular expressions, module types
 
 
+def _weighted(model: nn.Module, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+
+
 def target_layers(
     model: nn.Module, min_numel: int = DEFAULT_MIN_NUMEL, types: tuple[type, ...] = TARGET_TYPES
 ) -> dict[str, nn.Module]:
     """Target layers by fully-qualified name, in module order: `nn.Linear`, `nn.Conv1d` and
-    `nn.Conv2d` (subclasses included) whose weight has at least `min_numel` elements."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, types)
-        and isinstance(getattr(m, "weight", None), torch.Tensor)
-        and m.weight.numel() >= min_numel
-    }
+    `nn.Conv2d` (subclasses included) whose weight has at least `min_numel` elements.
+
+    A weight tied to several layers (one Parameter used by two modules) is one weight with one
+    palette: it is listed once, under the first layer using it (`tied_layers` gives the others)."""
+    seen: set[int] = set()
+    out = {}
+    for name, m in _weighted(model, types):
+        if id(m.weight) in seen:
+            continue
+        seen.add(id(m.weight))
+        if m.weight.numel() >= min_numel:
+            out[name] = m
+    return out
+
+
+def tied_layers(model: nn.Module, types: tuple[type, ...] = TARGET_TYPES) -> dict[str, list[str]]:
+    """{first layer: [the other layers sharing its weight Parameter]} for every tied weight."""
+    first: dict[int, str] = {}
+    out: dict[str, list[str]] = {}
+    for name, m in _weighted(model, types):
+        key = id(m.weight)
+        if key in first:
+            out.setdefault(first[key], []).append(name)
+        else:
+            first[key] = name
+    return out
+
+
+def _alias_map(model: nn.Module) -> dict[str, str]:
+    return {a: first for first, aliases in tied_layers(model).items() for a in aliases}
 
 
 @dataclass(frozen=True)
@@ -148,6 +175,21 @@ def resolve_specs(
             f"got {type(spec_or_mapping).__name__}"
         )
     every = target_layers(model, 0)
+    alias = _alias_map(model)
+    asked: dict[str, tuple[str, PaletteSpec | None]] = {}  # per weight, (name, spec) first asked
+
+    def ask(name: str, spec: PaletteSpec | None) -> None:
+        """One weight, one palette: a tied weight asked two different specs is an error."""
+        first = alias.get(name, name)
+        if first in asked and asked[first][1] != spec and asked[first][0] != name:
+            other, prev = asked[first]
+            raise ValueError(
+                f"{other} and {name} share one weight (tied), which takes one palette, but are asked "
+                f"{'16 bits' if prev is None else prev.label} and {'16 bits' if spec is None else spec.label}; "
+                "give both the same spec"
+            )
+        asked.setdefault(first, (name, spec))
+
     exact: dict[str, PaletteSpec | None] = {}
     patterns: list[tuple[str, re.Pattern, PaletteSpec | None]] = []
     types: list[tuple[type, PaletteSpec | None]] = []
@@ -159,8 +201,9 @@ def resolve_specs(
             types.append((key, spec))
         elif not isinstance(key, str):
             raise ValueError(f"mapping keys are layer names, patterns or module types, got {key!r}")
-        elif key in every:
-            exact[key] = spec
+        elif key in every or key in alias:
+            ask(key, spec)
+            exact[alias.get(key, key)] = spec
         else:
             try:
                 patterns.append((key, re.compile(key), spec))
@@ -169,10 +212,17 @@ def resolve_specs(
     chosen = dict(exact)
     for key, rx, spec in patterns:
         hits = [n for n in targets if rx.fullmatch(n)]
-        if not hits:
+        tied_hits = [a for a, first in alias.items() if first in targets and rx.fullmatch(a)]
+        if not hits and not tied_hits:
             unused.append(key)
-        for n in hits:
-            chosen.setdefault(n, spec)
+        for n in hits + tied_hits:
+            first = alias.get(n, n)
+            if first not in exact:
+                if first in chosen:
+                    ask(n, spec) if chosen[first] != spec else None
+                else:
+                    ask(n, spec)
+                chosen.setdefault(first, spec)
     for cls, spec in types:
         hits = [n for n, m in targets.items() if isinstance(m, cls)]
         if not hits:
@@ -241,7 +291,8 @@ class Recipe:
         `resolve_specs`); target layers it does not select stay at 16 bits."""
         specs = resolve_specs(model, spec_or_mapping, min_numel)
         every = target_layers(model, 0)
-        named = set(spec_or_mapping) if isinstance(spec_or_mapping, Mapping) else set()
+        alias = _alias_map(model)
+        named = {alias.get(k, k) for k in spec_or_mapping if isinstance(k, str)} if isinstance(spec_or_mapping, Mapping) else set()
         targets = {n: m for n, m in every.items() if m.weight.numel() >= min_numel or n in named}
         recipe = cls.dense(model, targets, predicted_psnr=predicted_psnr, seed=seed, info=info)
         for n, s in specs.items():
@@ -287,6 +338,13 @@ class Recipe:
     def check(self, model: nn.Module) -> None:
         """Raise ValueError unless every recipe layer is a target of `model` with the same shape."""
         targets = target_layers(model, min_numel=0)
+        alias = _alias_map(model)
+        tied = [n for n in self.layers if n in alias]
+        if tied:
+            raise ValueError(
+                f"this recipe names {tied[0]}, whose weight is tied to {alias[tied[0]]}'s (one Parameter): "
+                f"a tied weight takes one palette, under {alias[tied[0]]}; recompute the recipe for this model"
+            )
         unknown = [n for n in self.layers if n not in targets]
         mismatched = [
             f"{n}: recipe {self.shapes[n]} vs model {tuple(targets[n].weight.shape)}"
@@ -526,4 +584,5 @@ def _int(x: Any, what: str) -> int:
     return x
 
 
-__all__ = ["APPLE", "NBITS", "Candidates", "ModelIdentity", "Recipe", "as_recipe", "resolve_specs", "target_layers"]
+__all__ = ["APPLE", "NBITS", "Candidates", "ModelIdentity", "Recipe", "as_recipe", "resolve_specs", "target_layers",
+           "tied_layers"]
