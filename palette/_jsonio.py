@@ -179,3 +179,76 @@ def check_header(d: Any, fmt: str, version: int, where: str, what: str) -> dict:
     if d.get("version") != version or isinstance(d.get("version"), bool):
         raise LoadError(f"{where}: {what} version {d.get('version')!r}; this palette reads version {version}")
     return d
+
+
+# -- strict field readers: a wrong type or range is a ValueError naming the field ------------------
+
+
+def field_of(d: Any, key: str, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be an object, got {type(d).__name__}")
+    if key not in d:
+        raise ValueError(f"{where}: missing {key!r}")
+    return d[key]
+
+
+def int_field(x: Any, what: str, minimum: int | None = 0) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise ValueError(f"{what}: expected an integer, got {_short(x)}")
+    if minimum is not None and x < minimum:
+        raise ValueError(f"{what}: must be >= {minimum}, got {x}")
+    return x
+
+
+def float_field(x: Any, what: str, minimum: float | None = None, none: bool = False) -> float | None:
+    if x is None and none:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"{what}: expected a number, got {_short(x)}")
+    try:
+        f = float(x)
+    except OverflowError:
+        raise ValueError(f"{what}: out of range") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{what}: must be finite, got {x!r}")
+    if minimum is not None and f < minimum:
+        raise ValueError(f"{what}: must be >= {minimum}, got {x!r}")
+    return f
+
+
+def str_field(x: Any, what: str) -> str:
+    if not isinstance(x, str):
+        raise ValueError(f"{what}: expected a string, got {_short(x)}")
+    return x
+
+
+def list_field(x: Any, what: str) -> list:
+    if not isinstance(x, list):
+        raise ValueError(f"{what}: expected a list, got {_short(x)}")
+    return x
+
+
+def dict_field(x: Any, what: str) -> dict:
+    if not isinstance(x, dict):
+        raise ValueError(f"{what}: expected an object, got {_short(x)}")
+    return x
+
+
+def _short(x: Any) -> str:
+    text = repr(x)
+    return f"{type(x).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def plain(x: Any) -> Any:
+    """`json.dumps(default=plain)`: numpy scalars and arrays as Python numbers and lists."""
+    import numpy as np
+
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")

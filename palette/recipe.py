@@ -29,7 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metadata
-from ._jsonio import read_json, write_atomic
+from ._jsonio import (LoadError, _short, check_header, dict_field, field_of, float_field, int_field, list_field,
+                      plain, read_json, str_field, write_atomic)
 from ._version import __version__
 from .cluster import Palette, fit_palettes_batch, palette_from_lut
 from .spec import DEFAULT_GROUP_SIZE, GRANULARITIES, NBITS, PaletteSpec
@@ -400,78 +401,80 @@ class Recipe:
             "format": FORMAT,
             "version": VERSION,
             "palette_version": self.palette_version,
-            "seed": self.seed,
-            "model": {"class": self.model.cls, "parameters": self.model.parameters,
+            "seed": int(self.seed),
+            "model": {"class": self.model.cls, "parameters": int(self.model.parameters),
                       "fingerprint": self.model.fingerprint},
             "size_bytes": self.size_bytes,
-            "fixed_bytes": self.fixed_bytes,
-            "predicted_psnr": self.predicted_psnr,
+            "fixed_bytes": int(self.fixed_bytes),
+            "predicted_psnr": None if self.predicted_psnr is None else float(self.predicted_psnr),
             "info": self.info,
             "layers": {n: self._layer_dict(n) for n in self.layers},
         }
 
     def _layer_dict(self, name: str) -> dict[str, Any]:
         spec = self.layers[name]
-        d: dict[str, Any] = {"shape": list(self.shapes[name]), "spec": None if spec is None else spec.to_dict()}
+        d: dict[str, Any] = {"shape": [int(x) for x in self.shapes[name]], "spec": None if spec is None else spec.to_dict()}
         if name in self.luts:
             d["lut"] = self.luts[name].numpy().astype("<f2").tobytes().hex()
         return d
 
     def dumps(self) -> str:
         """Deterministic JSON: same recipe, same bytes."""
-        return json.dumps(self.to_dict(), sort_keys=True, indent=1, allow_nan=False) + "\n"
+        return json.dumps(self.to_dict(), sort_keys=True, indent=1, allow_nan=False, default=plain) + "\n"
 
     def save(self, path: str | os.PathLike) -> None:
         write_atomic(path, self.dumps())
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "recipe") -> "Recipe":
+        """The recipe a parsed JSON document describes; every field's type and range is checked,
+        and anything wrong is a `LoadError` (a ValueError) naming `where` and the field."""
+        hint = "; regenerate it with allocate_bits (CLI: palette allocate)"
+        check_header(d, FORMAT, VERSION, where, "recipe")
         try:
-            if not isinstance(d, dict) or d.get("format") != FORMAT:
-                raise ValueError(f"not a {FORMAT} document (format={d.get('format') if isinstance(d, dict) else None!r})")
-            if d.get("version") != VERSION:
-                raise ValueError(f"unsupported version {d.get('version')!r}; this palette reads {VERSION}")
             expected = {"format", "version", "palette_version", "seed", "model", "size_bytes",
                         "fixed_bytes", "predicted_psnr", "info", "layers"}
             if set(d) != expected:
-                raise ValueError(f"unexpected or missing keys: {sorted(set(d) ^ expected)}")
-            m = d["model"]
-            model = ModelIdentity(str(m["class"]), _int(m["parameters"], "model.parameters"),
-                                  str(m["fingerprint"]))
-            if not isinstance(d["layers"], dict) or not d["layers"]:
+                raise ValueError(f"unexpected or missing keys: {sorted(map(str, set(d) ^ expected))}")
+            m = dict_field(d["model"], "model")
+            model = ModelIdentity(str_field(field_of(m, "class", "model"), "model.class"),
+                                  int_field(field_of(m, "parameters", "model"), "model.parameters"),
+                                  str_field(field_of(m, "fingerprint", "model"), "model.fingerprint"))
+            if not dict_field(d["layers"], "layers"):
                 raise ValueError("layers must be a non-empty object")
             layers: dict[str, PaletteSpec | None] = {}
             shapes: dict[str, tuple[int, ...]] = {}
             luts: dict[str, torch.Tensor] = {}
             for name, rec in d["layers"].items():
                 if not isinstance(rec, dict) or not {"shape", "spec"} <= set(rec) <= {"shape", "spec", "lut"}:
-                    raise ValueError(f"layer {name!r}: expected keys shape, spec (and lut), got {rec!r}")
-                shape = tuple(_int(x, f"layer {name!r} shape") for x in rec["shape"])
-                if not shape or min(shape) < 1:
-                    raise ValueError(f"layer {name!r}: bad shape {rec['shape']!r}")
-                spec = None if rec["spec"] is None else PaletteSpec.from_dict(rec["spec"])
+                    raise ValueError(f"layer {name!r}: expected keys shape, spec (and lut), got {_short(rec)}")
+                shape = tuple(int_field(x, f"layer {name!r} shape", 1)
+                              for x in list_field(rec["shape"], f"layer {name!r} shape"))
+                if not shape:
+                    raise ValueError(f"layer {name!r}: empty shape")
+                spec = None if rec["spec"] is None else PaletteSpec.from_dict(rec["spec"], f"layer {name!r}")
                 if spec is not None:
                     spec.n_groups(shape[0], name)
                 if "lut" in rec:
                     luts[name] = _lut(rec["lut"], spec, shape, name)
                 layers[name], shapes[name] = spec, shape
-            psnr = d["predicted_psnr"]
-            if psnr is not None and not isinstance(psnr, (int, float)):
-                raise ValueError(f"predicted_psnr must be a number or null, got {psnr!r}")
-            recipe = cls(layers, shapes, _int(d["fixed_bytes"], "fixed_bytes"), model,
-                         None if psnr is None else float(psnr), _int(d["seed"], "seed"),
-                         str(d["palette_version"]), dict(d["info"]), luts)
-            if recipe.size_bytes != d["size_bytes"]:
+            psnr = float_field(d["predicted_psnr"], "predicted_psnr", none=True)
+            recipe = cls(layers, shapes, int_field(d["fixed_bytes"], "fixed_bytes"), model, psnr,
+                         int_field(d["seed"], "seed", None), str_field(d["palette_version"], "palette_version"),
+                         dict(dict_field(d["info"], "info")), luts)
+            size = int_field(d["size_bytes"], "size_bytes")
+            if recipe.size_bytes != size:
                 raise ValueError(
-                    f"size_bytes {d['size_bytes']} does not match its layers ({recipe.size_bytes}): "
+                    f"size_bytes {size} does not match its layers ({recipe.size_bytes}): "
                     "the file was edited by hand or is damaged"
                 )
             return recipe
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise ValueError(f"{where}: invalid recipe: {e}") from None
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
+            raise LoadError(f"{where}: invalid recipe: {e}{hint}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":
+        """Read a recipe file; a damaged or hand-broken one is a `LoadError` naming it."""
         return cls.from_dict(read_json(path, "recipe", "; regenerate it with allocate_bits"), str(path))
 
     # -- Apple ml-stable-diffusion ---------------------------------------------------------------
@@ -521,8 +524,14 @@ class Recipe:
         return {"model_version": version, "baselines": {}, "recipes": {key: entry}}
 
     @classmethod
+    def load_apple(cls, path: str | os.PathLike, recipe_name: str, model: nn.Module) -> "Recipe":
+        """`from_apple` of the pre-analysis JSON file at `path` (checked by `read_apple`)."""
+        return cls.from_apple(read_apple(path), recipe_name, model)
+
+    @classmethod
     def from_apple(cls, data: Mapping[str, Any], recipe_name: str, model: nn.Module) -> "Recipe":
         """Import one recipe of Apple's pre-analysis JSON for `model` (names are resolved against it)."""
+        check_apple(data, "Apple pre-analysis JSON")
         recipes = data.get("recipes") if isinstance(data, Mapping) else None
         if not isinstance(recipes, Mapping) or recipe_name not in recipes:
             have = list(recipes) if isinstance(recipes, Mapping) else []
@@ -543,6 +552,33 @@ class Recipe:
 # Conv2d above 1e5 weights) at per-tensor 1, 2, 4, 6 or 8 bits.
 APPLE = Candidates(nbits=APPLE_NBITS, granularities=("per_tensor",), min_numel=APPLE_MIN_NUMEL,
                    types=(nn.Linear, nn.Conv2d))
+
+
+def check_apple(data: Any, where: str) -> dict:
+    """Apple's pre-analysis JSON, checked: an object with `recipes` ({name: {module: nbits}}, nbits
+    among 1, 2, 4, 6, 8 or 16), optional `baselines` ({module: finite PSNR}) and `model_version`
+    (a string); anything else is a `LoadError` naming `where`."""
+    try:
+        d = dict_field(data, "the document")
+        unknown = set(d) - {"model_version", "baselines", "recipes"}
+        if unknown:
+            raise ValueError(f"unknown key(s) {sorted(map(str, unknown))}")
+        if "model_version" in d and d["model_version"] is not None:
+            str_field(d["model_version"], "model_version")
+        for n, v in dict_field(d.get("baselines", {}), "baselines").items():
+            float_field(v, f"baselines[{n!r}]")
+        for r, entry in dict_field(field_of(d, "recipes", "the document"), "recipes").items():
+            for n, nbits in dict_field(entry, f"recipes[{r!r}]").items():
+                if isinstance(nbits, bool) or nbits not in (*APPLE_NBITS, 16) or not isinstance(nbits, int):
+                    raise ValueError(f"recipes[{r!r}][{n!r}]: nbits {_short(nbits)} is not one of {APPLE_NBITS} or 16")
+        return d
+    except ValueError as e:
+        raise LoadError(f"{where}: invalid Apple pre-analysis JSON: {e}") from None
+
+
+def read_apple(path: str | os.PathLike) -> dict:
+    """Read and check Apple's pre-analysis JSON (`check_apple`); a damaged file is a `LoadError`."""
+    return check_apple(read_json(path, "Apple pre-analysis JSON"), str(path))
 
 
 def same_layout(a: PaletteSpec, b: PaletteSpec, out_channels: int) -> bool:
