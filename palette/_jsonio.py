@@ -55,7 +55,8 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterat
     target = check_target(target, directory=directory)
     prefix = f".{target.name}."
     if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=target.parent))
+        # the target's own suffix last: coremltools saves an ML Program only as NAME.mlpackage
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial" + target.suffix, dir=target.parent))
         shutil.rmtree(tmp)  # the writer creates it (coremltools refuses an existing package)
     else:
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=".partial", dir=target.parent)

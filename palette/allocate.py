@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from decimal import ROUND_FLOOR, Decimal
 
 from ._checks import check_loaded, integer, number
+from .metrics import significant
 from .palettize import untouched
 from .chunking import chunks_needed, layer_bytes_in_order
 from .cluster import fit_palettes
@@ -38,6 +39,10 @@ from .recipe import Candidates, Recipe
 from .spec import PaletteSpec
 
 GB = 1e9  # budgets count decimal gigabytes
+# Predicted errors are compared, and PSNRs recorded, at these significant digits: the same choices and
+# the same recipe bytes with any torch thread count (README, "Guarantees").
+ERROR_DIGITS = 3
+PSNR_DIGITS = 4
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,8 @@ def layer_options(sensitivity: Sensitivity, names: Sequence[str]) -> dict[str, l
         opts = [Option(None, 2 * info.numel, 0.0)]
         for i, spec in enumerate(sensitivity.specs):
             if sensitivity.nbytes[n][i] is not None:
-                opts.append(Option(spec, sensitivity.nbytes[n][i], sensitivity.error(n, spec),
+                # rounded: float noise of another thread count never changes a choice
+                opts.append(Option(spec, sensitivity.nbytes[n][i], significant(sensitivity.error(n, spec), ERROR_DIGITS),
                                    sensitivity.errors_per_sample(n, spec)))
         out[n] = opts
     return out
@@ -171,7 +177,7 @@ def add_weighted_options(
         pals = fit_palettes(modules[n].weight, [o.spec for o in plain], sensitivity.importance[n], seed=seed, name=n)
         for o, pal in zip(plain, pals):
             per_sample = sensitivity.estimate(n, pal, per_sample=True)
-            err = float(np.average(per_sample, weights=sensitivity.sample_size))
+            err = significant(float(np.average(per_sample, weights=sensitivity.sample_size)), ERROR_DIGITS)
             if err < o.error:
                 options[n].append(Option(o.spec, o.nbytes, err, per_sample, pal.lut))
 
@@ -250,9 +256,13 @@ def allocate(
         return recipe
     sol = solve(opts, capacity - fixed)
     recipe.layers.update({n: o.spec for n, o in sol.choice.items()})
-    info.update(predicted_mse=sol.error, lower_bound_mse=sol.lower_bound, gap=sol.gap)
-    total = sum((o.per_sample for o in sol.choice.values() if o.spec is not None), np.zeros(len(sensitivity.peak)))
-    recipe.predicted_psnr = sensitivity.psnr_of(total)
+    info.update(predicted_mse=significant(sol.error, ERROR_DIGITS), lower_bound_mse=significant(sol.lower_bound, ERROR_DIGITS),
+                gap=significant(sol.gap, ERROR_DIGITS))
+    total = np.zeros(len(sensitivity.peak), dtype=np.float64)
+    for n in sorted(sol.choice):  # float64, in a fixed order
+        if sol.choice[n].spec is not None:
+            total = total + np.asarray(sol.choice[n].per_sample, dtype=np.float64)
+    recipe.predicted_psnr = significant(sensitivity.psnr_of(total), PSNR_DIGITS)
     recipe.luts = {n: o.lut for n, o in sol.choice.items() if o.lut is not None}
     if max_chunk_bytes is not None:
         info["max_chunk_bytes"] = max_chunk_bytes
@@ -272,7 +282,7 @@ def calibrate_recipe(model: nn.Module, recipe: Recipe, probe: ProbeSet, sensitiv
             f"these inputs are {probe.description!r}; pass the probe inputs to calibrate"
         )
         return
-    recipe.predicted_psnr = measure(model, recipe, probe).psnr
+    recipe.predicted_psnr = significant(measure(model, recipe, probe).psnr, PSNR_DIGITS)
     recipe.info["calibration"] = f"measured on the probe set ({probe.description}), 2 forward passes"
 
 

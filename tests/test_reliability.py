@@ -303,7 +303,7 @@ def test_ctrl_c_mid_clustering_and_mid_probe_exits_130_and_keeps_files(tmp_path,
     assert err.rstrip().endswith("palette: interrupted")
     assert "Traceback" not in err and "SystemError" not in err
     assert out.read_text() == "the user's own file"
-    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.endswith(".partial") or p.name.endswith(".tmp")]
+    leftovers = [p.name for p in tmp_path.rglob("*") if ".partial" in p.name or p.name.endswith(".tmp")]
     assert not leftovers
 
 
@@ -366,3 +366,23 @@ def test_recipe_bytes_do_not_depend_on_the_thread_count(tmp_path) -> None:
         subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(n), str(tmp_path / f"r{n}.json")], check=True,
                        env=env, cwd=tmp_path, capture_output=True, timeout=300)
     assert (tmp_path / "r1.json").read_bytes() == (tmp_path / "r2.json").read_bytes()
+
+
+def test_ctrl_c_inside_a_numba_kernel_is_a_keyboard_interrupt_once_it_returns() -> None:
+    from palette.cluster import fit_palettes_batch
+
+    specs = [PaletteSpec(b, "per_grouped_channel", 16) for b in (1, 2, 4, 8)]
+    fit_palettes_batch([(torch.randn(64, 64), specs, None)])  # compiled
+    w = torch.randn(256, 4096)
+    t0 = time.perf_counter()
+    fit_palettes_batch([(w, specs, None)])
+    took = time.perf_counter() - t0
+    timer = threading.Timer(took / 3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):  # not numba's SystemError
+            fit_palettes_batch([(w, specs, None)])
+            time.sleep(5)  # the signal came late: still a KeyboardInterrupt, here
+    finally:
+        timer.cancel()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

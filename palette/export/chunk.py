@@ -548,6 +548,32 @@ def _write_chunk(
     )
     mlmodel.short_description = description
     mlmodel.save(str(path))
+    normalise_manifest(path)
+
+
+def normalise_manifest(package: str | os.PathLike) -> None:
+    """Make a saved mlpackage's Manifest.json the same bytes for the same model: coremltools names
+    the items in it with fresh random UUIDs on every save (the files they point to are named by
+    role, not by UUID); they are replaced by UUIDs derived from each item's path, so that two
+    exports of the same model and recipe are identical byte for byte."""
+    import json
+    import uuid
+
+    manifest = Path(package) / "Manifest.json"
+    if not manifest.exists():
+        return
+    d = json.loads(manifest.read_text())
+    items = d.get("itemInfoEntries")
+    if not isinstance(items, dict):
+        return
+    renamed = {}
+    for key, item in items.items():
+        path = item.get("path", key) if isinstance(item, dict) else key
+        renamed[key] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"palette:{path}")).upper()
+    d["itemInfoEntries"] = {renamed[k]: v for k, v in sorted(items.items(), key=lambda kv: renamed[kv[0]])}
+    if d.get("rootModelIdentifier") in renamed:
+        d["rootModelIdentifier"] = renamed[d["rootModelIdentifier"]]
+    manifest.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
 # -- verification ------------------------------------------------------------------------------
