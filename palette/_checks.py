@@ -57,7 +57,7 @@ def number(x: Any, field: str, *, layer: str | None = None, positive: bool = Fal
     if not math.isfinite(f):
         raise ValueError(f"{_where(field, layer)} must be finite, got {x!r}")
     if positive and f <= 0:
-        raise ValueError(f"{_where(field, layer)} must be positive, got {x!r}")
+        raise ValueError(f"{_where(field, layer)} must be a positive number, got {x!r}")
     return f
 
 

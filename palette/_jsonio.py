@@ -154,7 +154,7 @@ def loads_json(data: str | bytes, where: str, what: str, hint: str = "") -> Any:
         reason = f"not valid JSON: {e}"
     except ValueError as e:
         reason = str(e)
-    raise LoadError(f"{where}: damaged {what} file ({reason}){hint}")
+    raise LoadError(f"{where}: corrupt {what} file ({reason}){hint}")
 
 
 def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:
@@ -178,7 +178,8 @@ def check_header(d: Any, fmt: str, version: int, where: str, what: str) -> dict:
     if d.get("format") != fmt:
         raise LoadError(f"{where}: not a {what} file (format {d.get('format')!r}, expected {fmt!r})")
     if d.get("version") != version or isinstance(d.get("version"), bool):
-        raise LoadError(f"{where}: {what} version {d.get('version')!r}; this palette reads version {version}")
+        raise LoadError(f"{where}: unsupported version {d.get('version')!r} of the {what} format; "
+                        f"this palette reads version {version}")
     return d
 
 
