@@ -12,7 +12,6 @@ import math
 import numbers
 from typing import Any
 
-import torch
 from torch import nn
 
 
@@ -73,7 +72,3 @@ def check_loaded(model: nn.Module) -> None:
             f"device, e.g. {meta[0]}); load the checkpoint (or call model.to_empty(...) and load a "
             "state_dict) before palettizing or probing"
         )
-
-
-def is_tensor(x: Any) -> bool:
-    return isinstance(x, torch.Tensor)

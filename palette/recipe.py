@@ -614,11 +614,5 @@ def _lut(text: Any, spec: PaletteSpec | None, shape: tuple[int, ...], name: str)
     return torch.from_numpy(np.frombuffer(raw, dtype="<f2").astype(np.float16).reshape(want))
 
 
-def _int(x: Any, what: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise ValueError(f"{what}: expected an integer, got {x!r}")
-    return x
-
-
 __all__ = ["APPLE", "NBITS", "Candidates", "ModelIdentity", "Recipe", "as_recipe", "resolve_specs", "target_layers",
            "tied_layers"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-import shutil
 import time
 import warnings
 from contextlib import nullcontext
