@@ -36,11 +36,16 @@ class PaletteSpec:
 
     def __post_init__(self) -> None:
         # types first, once, here at the boundary: numpy integers become ints, floats are refused
-        object.__setattr__(self, "nbits", integer(self.nbits, "nbits"))
-        object.__setattr__(self, "cluster_dim", integer(self.cluster_dim, "cluster_dim"))
+        for name, allowed in (("nbits", f"one of {NBITS}"), ("cluster_dim", f"one of {CLUSTER_DIMS}"),
+                              ("group_size", "a positive int")):
+            value = getattr(self, name)
+            if value is not None or name != "group_size":
+                try:
+                    object.__setattr__(self, name, integer(value, name))
+                except ValueError:
+                    raise ValueError(f"{name} must be {allowed} (an integer), got {value!r} "
+                                     f"({type(value).__name__})") from None
         object.__setattr__(self, "per_channel_scale", boolean(self.per_channel_scale, "per_channel_scale"))
-        if self.group_size is not None:
-            object.__setattr__(self, "group_size", integer(self.group_size, "group_size"))
         if not isinstance(self.granularity, str):
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.nbits not in NBITS:
