@@ -26,6 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from decimal import ROUND_FLOOR, Decimal
+
+from ._checks import check_loaded, integer, number
+from .metrics import significant
+from .palettize import untouched
 from .chunking import chunks_needed, layer_bytes_in_order
 from .cluster import fit_palettes
 from .probe import ProbeSet, Sensitivity, make_probe_set, measure, probe_sensitivity
@@ -34,6 +39,10 @@ from .recipe import Candidates, Recipe
 from .spec import PaletteSpec
 
 GB = 1e9  # budgets count decimal gigabytes
+# Predicted errors are compared, and PSNRs recorded, at these significant digits: the same choices and
+# the same recipe bytes with any torch thread count (README, "Guarantees").
+ERROR_DIGITS = 3
+PSNR_DIGITS = 4
 
 
 @dataclass(frozen=True)
@@ -145,7 +154,8 @@ def layer_options(sensitivity: Sensitivity, names: Sequence[str]) -> dict[str, l
         opts = [Option(None, 2 * info.numel, 0.0)]
         for i, spec in enumerate(sensitivity.specs):
             if sensitivity.nbytes[n][i] is not None:
-                opts.append(Option(spec, sensitivity.nbytes[n][i], sensitivity.error(n, spec),
+                # rounded: float noise of another thread count never changes a choice
+                opts.append(Option(spec, sensitivity.nbytes[n][i], significant(sensitivity.error(n, spec), ERROR_DIGITS),
                                    sensitivity.errors_per_sample(n, spec)))
         out[n] = opts
     return out
@@ -167,9 +177,29 @@ def add_weighted_options(
         pals = fit_palettes(modules[n].weight, [o.spec for o in plain], sensitivity.importance[n], seed=seed, name=n)
         for o, pal in zip(plain, pals):
             per_sample = sensitivity.estimate(n, pal, per_sample=True)
-            err = float(np.average(per_sample, weights=sensitivity.sample_size))
+            err = significant(float(np.average(per_sample, weights=sensitivity.sample_size)), ERROR_DIGITS)
             if err < o.error:
                 options[n].append(Option(o.spec, o.nbytes, err, per_sample, pal.lut))
+
+
+def check_budget(budget_gb: Any, budget_bits: Any) -> tuple[float | None, float | None]:
+    """Exactly one of the two budgets, a finite positive number (a ValueError naming it otherwise)."""
+    if (budget_gb is None) == (budget_bits is None):
+        raise ValueError("give exactly one of budget_gb (whole model, decimal GB) or budget_bits")
+    if budget_gb is not None:
+        return number(budget_gb, "budget_gb", positive=True), None
+    return None, number(budget_bits, "budget_bits", positive=True)
+
+
+def budget_bytes(budget_gb: float | None, budget_bits: float | None, fixed: int, numel: int) -> int:
+    """The budget in whole bytes, computed exactly (decimal arithmetic on the number as written, so
+    that a budget of exactly a reachable size, e.g. `size_bytes / 1e9`, is that size and not one
+    byte less from binary rounding); a huge budget is a huge int, never an OverflowError."""
+    if budget_gb is not None:
+        gb = Decimal(repr(float(budget_gb)))
+        return int((gb * Decimal(int(GB))).to_integral_value(rounding=ROUND_FLOOR))
+    bits = Decimal(repr(float(budget_bits)))
+    return fixed + int((bits * numel / 8).to_integral_value(rounding=ROUND_FLOOR))
 
 
 def _bits(nbytes: int, numel: int) -> float:
@@ -193,11 +223,7 @@ def allocate(
     every other parameter at 16 bits). `budget_bits`: average bits per target weight instead.
     `max_chunk_bytes` rules out any option storing more than that in one weight. Its
     `predicted_psnr` is the additive estimate (`calibrate_recipe` measures it)."""
-    if (budget_gb is None) == (budget_bits is None):
-        raise ValueError("give exactly one of budget_gb (whole model, decimal GB) or budget_bits")
-    budget = budget_gb if budget_gb is not None else budget_bits
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
-        raise ValueError(f"the budget must be a positive number, got {budget!r}")
+    budget_gb, budget_bits = check_budget(budget_gb, budget_bits)
     opts = dict(options) if options is not None else layer_options(sensitivity, list(base.layers))
     if max_chunk_bytes is not None:
         opts = {n: [o for o in os_ if o.nbytes <= max_chunk_bytes] or list(os_) for n, os_ in opts.items()}
@@ -205,7 +231,7 @@ def allocate(
     numel = sum(math.prod(s) for s in base.shapes.values())
     full = fixed + 2 * numel
     smallest = fixed + sum(min(o.nbytes for o in layer) for layer in opts.values())
-    capacity = int(budget_gb * GB) if budget_gb is not None else fixed + int(budget_bits * numel / 8)
+    capacity = min(budget_bytes(budget_gb, budget_bits, fixed, numel), full)  # more than the model: all of it
     info: dict[str, Any] = {
         **base.info,
         "budget": {"gb": budget_gb, "bits": budget_bits, "bytes": capacity},
@@ -230,9 +256,13 @@ def allocate(
         return recipe
     sol = solve(opts, capacity - fixed)
     recipe.layers.update({n: o.spec for n, o in sol.choice.items()})
-    info.update(predicted_mse=sol.error, lower_bound_mse=sol.lower_bound, gap=sol.gap)
-    total = sum((o.per_sample for o in sol.choice.values() if o.spec is not None), np.zeros(len(sensitivity.peak)))
-    recipe.predicted_psnr = sensitivity.psnr_of(total)
+    info.update(predicted_mse=significant(sol.error, ERROR_DIGITS), lower_bound_mse=significant(sol.lower_bound, ERROR_DIGITS),
+                gap=significant(sol.gap, ERROR_DIGITS))
+    total = np.zeros(len(sensitivity.peak), dtype=np.float64)
+    for n in sorted(sol.choice):  # float64, in a fixed order
+        if sol.choice[n].spec is not None:
+            total = total + np.asarray(sol.choice[n].per_sample, dtype=np.float64)
+    recipe.predicted_psnr = significant(sensitivity.psnr_of(total), PSNR_DIGITS)
     recipe.luts = {n: o.lut for n, o in sol.choice.items() if o.lut is not None}
     if max_chunk_bytes is not None:
         info["max_chunk_bytes"] = max_chunk_bytes
@@ -252,7 +282,7 @@ def calibrate_recipe(model: nn.Module, recipe: Recipe, probe: ProbeSet, sensitiv
             f"these inputs are {probe.description!r}; pass the probe inputs to calibrate"
         )
         return
-    recipe.predicted_psnr = measure(model, recipe, probe).psnr
+    recipe.predicted_psnr = significant(measure(model, recipe, probe).psnr, PSNR_DIGITS)
     recipe.info["calibration"] = f"measured on the probe set ({probe.description}), 2 forward passes"
 
 
@@ -284,8 +314,20 @@ def allocate_bits(
     importance, and keeps it (its LUT stored in the recipe) only where it predicts less error.
     `calibrate=True` makes the recipe measured on the probe set its `predicted_psnr`; without the
     probe set (a `sensitivity` from inputs not given here) the additive estimate is kept and
-    `info["calibration"]` says why. The model is not modified.
+    `info["calibration"]` says why. The model is not modified (`untouched`: run in eval mode, every
+    training flag and buffer restored, also on an exception or Ctrl-C).
     """
+    check_loaded(model)
+    budget_gb, budget_bits = check_budget(budget_gb, budget_bits)
+    n_probes = integer(n_probes, "n_probes", minimum=1)
+    seed = integer(seed, "seed")
+    with untouched(model):
+        return _allocate_bits(model, budget_gb, budget_bits, inputs, sensitivity, candidates, method, n_probes,
+                              seed, importance, max_chunk_bytes, calibrate, cache, progress)
+
+
+def _allocate_bits(model, budget_gb, budget_bits, inputs, sensitivity, candidates, method, n_probes, seed,
+                   importance, max_chunk_bytes, calibrate, cache, progress) -> Recipe:
     cands = as_candidates(candidates)
     targets = cands.layers(model)
     if not targets:

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ._checks import check_loaded
+from ._jsonio import check_target, replace_dir
 from .models.load import MODEL_HELP, PALETTES_FILE, Loaded, load_model
 from .palettize import palettize, target_layers
 from .probe.inputs import DEFAULT_SAMPLES
@@ -44,6 +46,7 @@ class UsageError(ValueError):
 def _model(args: argparse.Namespace) -> Loaded:
     t0 = time.perf_counter()
     loaded = load_model(args.model, args.subfolder, args.config)
+    check_loaded(loaded.model)
     device = getattr(args, "device", None)
     if device:
         import torch.distributed as dist
@@ -108,6 +111,15 @@ def _probe_set(args: argparse.Namespace, loaded: Loaded, seed: int):
                             sample_size=getattr(args, "sample_size", None))
 
 
+def _output(path: str | os.PathLike, flag: str, *, directory: bool = False) -> Path:
+    """An output path checked before any heavy work: not a directory where a file goes (nor a file
+    where a directory goes), its folder existing and writable."""
+    try:
+        return check_target(path, directory=directory)
+    except ValueError as e:
+        raise UsageError(f"{flag} {e}") from None
+
+
 def _existing(path: str, flag: str) -> Path:
     p = Path(path)
     if not p.exists():
@@ -164,6 +176,7 @@ def _mb(nbytes: int) -> str:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Probe per-layer sensitivity and write it as JSON."""
+    _output(args.output, "-o")
     loaded = _model(args)
     sens = _sensitivity(args, loaded, _probe_set(args, loaded, args.seed))
     if _rank() != 0:
@@ -194,6 +207,11 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     """Choose every layer's spec under the budget; write the recipe and the PSNR-vs-size plot."""
     from .allocate import allocate_bits
 
+    out = _output(args.output, "-o")
+    if args.apple_json:
+        _output(args.apple_json, "--apple-json")
+    if args.plot != "none":
+        _output(args.plot or out.with_suffix(".png"), "--plot")
     loaded = _model(args)
     probe = _probe_set(args, loaded, args.seed)
     sens = _sensitivity(args, loaded, probe)
@@ -254,17 +272,31 @@ def _plot(loaded: Loaded, path: Path, sens, probe, args: argparse.Namespace) -> 
 def cmd_apply(args: argparse.Namespace) -> int:
     """Palettize the model as the recipe says and save it with from_pretrained-ready weights and
     the palettes it carries beside them."""
+    import tempfile
+
     from .export import export_palettes
 
+    out = _output(args.output, "-o", directory=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / PALETTES_FILE).is_file():
+        raise UsageError(f"-o {out}: an existing folder that `palette apply` did not write (no {PALETTES_FILE}); "
+                         "give a new path (nothing in it is replaced)")
     loaded = _model(args)
     recipe = _recipe(args, loaded)
     result: dict[str, Any] = {"model": loaded.label, **_recipe_summary(recipe)}
     if args.measure:
         result["measured"] = _measure(loaded, recipe, _probe_set(args, loaded, args.seed))
     palettes = palettize(loaded.model, recipe, progress=not args.quiet)
-    out = Path(args.output)
-    loaded.save_pretrained(out)
-    export_palettes(loaded.model, out / PALETTES_FILE)
+    # written whole beside `out`, then moved into place (a previous `palette apply` folder replaced)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        loaded.save_pretrained(tmp)
+        export_palettes(loaded.model, tmp / PALETTES_FILE)
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
     result.update(path=str(out), palettized=len(palettes))
     text = (f"palettized {len(palettes)} of {len(recipe.layers)} layers "
             f"({recipe.bits_per_weight:.3f} bits per weight, {_mb(recipe.size_bytes)} as stored)")
@@ -277,9 +309,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a verified Core ML mlpackage, or the palettes as safetensors."""
+    out = Path(args.output)
+    if out.suffix not in (".safetensors", ".mlpackage"):
+        raise UsageError(f"-o {out}: the output must end in .mlpackage (Core ML) or .safetensors (palettes)")
+    _output(out, "-o", directory=out.suffix == ".mlpackage")
     loaded = _model(args)
     recipe = _recipe(args, loaded)
-    out = Path(args.output)
     result: dict[str, Any] = {"model": loaded.label, "path": str(out),
                               **(_recipe_summary(recipe) if recipe is not None else {})}
     if out.suffix == ".safetensors":
@@ -698,8 +733,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         joined = _join_torchrun(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, ImportError) as e:  # bad arguments or input files (LoadError included)
         print(f"palette: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a path that cannot be read or written
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"palette: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("palette: interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import _exact1d
+from ._interrupt import deferred
 from .spec import PaletteSpec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -243,6 +244,7 @@ def _layouts(
     return out
 
 
+@deferred()  # Ctrl-C waits for the numba/faiss kernels, then is raised
 def fit_palettes_batch(
     items: Sequence[tuple[torch.Tensor, Sequence[PaletteSpec], torch.Tensor | None]],
     *,
@@ -289,6 +291,7 @@ def fit_palettes_batch(
     return result
 
 
+@deferred()  # Ctrl-C waits for the numba/faiss kernels, then is raised
 def fit_luts_batch(
     items: Sequence[tuple[torch.Tensor, Sequence[PaletteSpec]]], *, names: Sequence[str] | None = None
 ) -> list[list[np.ndarray]]:
@@ -311,6 +314,7 @@ def fit_luts_batch(
     return [[fitted[i, j][0][:, :, 0] for j in range(len(specs[i]))] for i in range(len(items))]
 
 
+@deferred()  # Ctrl-C waits for the numba/faiss kernels, then is raised
 def fit_palettes(
     weight: torch.Tensor,
     specs: Sequence[PaletteSpec],
@@ -325,6 +329,7 @@ def fit_palettes(
     return fit_palettes_batch([(weight, specs, importance)], seed=seed, names=[name])[0]
 
 
+@deferred()  # Ctrl-C waits for the numba/faiss kernels, then is raised
 def fit_palette(
     weight: torch.Tensor,
     spec: PaletteSpec,
@@ -346,6 +351,7 @@ def _nearest_vectors(x: np.ndarray, cent16: np.ndarray) -> np.ndarray:
     return index.search(np.ascontiguousarray(x, dtype=np.float32), 1)[1][:, 0]
 
 
+@deferred()  # Ctrl-C waits for the numba/faiss kernels, then is raised
 def palette_from_lut(
     weight: torch.Tensor,
     spec: PaletteSpec,
@@ -398,6 +404,7 @@ def palette_from_lut(
     return Palette(lut.clone(), indices, spec, out_scale)
 
 
+@deferred()  # Ctrl-C waits for the numba/faiss kernels, then is raised
 def optimal_costs(
     weight: torch.Tensor, max_clusters: int = 256, importance: torch.Tensor | None = None
 ) -> np.ndarray:

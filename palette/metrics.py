@@ -6,6 +6,8 @@ as Apple's ml-stable-diffusion pre-analysis does for PSNR.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -76,3 +78,14 @@ def spearman(a, b) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = np.sqrt((ra**2).sum() * (rb**2).sum())
     return float((ra * rb).sum() / den) if den > 0 else float("nan")
+
+
+def significant(x: float | None, digits: int = 3) -> float | None:
+    """`x` rounded to `digits` significant digits (None, 0 and non-finite values as they are).
+
+    What drives a choice or is recorded in a file is rounded so, so that the float noise of a
+    different reduction order (another torch thread count, another BLAS) does not change which
+    spec a layer gets, nor the bytes of a recipe."""
+    if x is None or x == 0 or not math.isfinite(x):
+        return x
+    return float(f"{x:.{digits}g}")

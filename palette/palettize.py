@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import metadata
+from ._checks import check_loaded
 from .cluster import Palette, check_weight
 from .recipe import DEFAULT_MIN_NUMEL, PaletteSpec, Recipe, SpecMapping, as_recipe, target_layers
 
@@ -108,6 +109,47 @@ def dense_lookalikes(model: nn.Module, skip: Collection[str] = ()) -> list[tuple
         if 2 <= distinct <= 256:
             found.append((name, distinct, 2 * m.weight.numel()))
     return found
+
+
+@contextmanager
+def untouched(model: nn.Module, *, freeze: bool = False) -> Iterator[list]:
+    """The model left exactly as it was, whatever happens in the block (an exception or Ctrl-C
+    included): the block runs it in eval mode (BatchNorm uses its running statistics, Dropout
+    does nothing, so the same call gives the same result), and, with `freeze`, with
+    requires_grad off everywhere. On exit every module's training flag, every parameter's
+    requires_grad and `.grad`, and every buffer's value (BatchNorm running statistics and counts)
+    are restored, and the hooks put in the yielded list are removed.
+
+    Weights are not copied (use `keep_original` for what the block palettizes); buffers are, and
+    they are small."""
+    check_loaded(model)
+    training = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    buffers = [(m, k, b, b.detach().clone()) for m in model.modules() for k, b in m._buffers.items()
+               if b is not None and not k.startswith(metadata.PREFIX)]
+    hooks: list = []
+    try:
+        model.eval()
+        if freeze:
+            for p in params:
+                p.requires_grad_(False)
+        yield hooks
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, f, g in zip(params, flags, grads):
+            p.requires_grad_(f)
+            p.grad = g
+        for m, t in training:
+            m.training = t
+        with torch.no_grad():
+            for m, k, b, saved in buffers:
+                if m._buffers.get(k) is not b:
+                    m._buffers[k] = b
+                if b.shape == saved.shape and not torch.equal(b, saved):
+                    b.copy_(saved)
 
 
 @contextmanager

@@ -29,7 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metadata
-from ._jsonio import read_json, write_atomic
+from ._jsonio import (LoadError, _short, check_header, dict_field, field_of, float_field, int_field, list_field,
+                      plain, read_json, str_field, write_atomic)
 from ._version import __version__
 from .cluster import Palette, fit_palettes_batch, palette_from_lut
 from .spec import DEFAULT_GROUP_SIZE, GRANULARITIES, NBITS, PaletteSpec
@@ -50,18 +51,45 @@ if TYPE_CHECKING:
 SpecMapping = Mapping[Any, "PaletteSpec | None"]  # keys: layer names, regular expressions, module types
 
 
+def _weighted(model: nn.Module, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+
+
 def target_layers(
     model: nn.Module, min_numel: int = DEFAULT_MIN_NUMEL, types: tuple[type, ...] = TARGET_TYPES
 ) -> dict[str, nn.Module]:
     """Target layers by fully-qualified name, in module order: `nn.Linear`, `nn.Conv1d` and
-    `nn.Conv2d` (subclasses included) whose weight has at least `min_numel` elements."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, types)
-        and isinstance(getattr(m, "weight", None), torch.Tensor)
-        and m.weight.numel() >= min_numel
-    }
+    `nn.Conv2d` (subclasses included) whose weight has at least `min_numel` elements.
+
+    A weight tied to several layers (one Parameter used by two modules) is one weight with one
+    palette: it is listed once, under the first layer using it (`tied_layers` gives the others)."""
+    seen: set[int] = set()
+    out = {}
+    for name, m in _weighted(model, types):
+        if id(m.weight) in seen:
+            continue
+        seen.add(id(m.weight))
+        if m.weight.numel() >= min_numel:
+            out[name] = m
+    return out
+
+
+def tied_layers(model: nn.Module, types: tuple[type, ...] = TARGET_TYPES) -> dict[str, list[str]]:
+    """{first layer: [the other layers sharing its weight Parameter]} for every tied weight."""
+    first: dict[int, str] = {}
+    out: dict[str, list[str]] = {}
+    for name, m in _weighted(model, types):
+        key = id(m.weight)
+        if key in first:
+            out.setdefault(first[key], []).append(name)
+        else:
+            first[key] = name
+    return out
+
+
+def _alias_map(model: nn.Module) -> dict[str, str]:
+    return {a: first for first, aliases in tied_layers(model).items() for a in aliases}
 
 
 @dataclass(frozen=True)
@@ -151,6 +179,21 @@ def resolve_specs(
             f"got {type(spec_or_mapping).__name__}"
         )
     every = target_layers(model, 0)
+    alias = _alias_map(model)
+    asked: dict[str, tuple[str, PaletteSpec | None]] = {}  # per weight, (name, spec) first asked
+
+    def ask(name: str, spec: PaletteSpec | None) -> None:
+        """One weight, one palette: a tied weight asked two different specs is an error."""
+        first = alias.get(name, name)
+        if first in asked and asked[first][1] != spec and asked[first][0] != name:
+            other, prev = asked[first]
+            raise ValueError(
+                f"{other} and {name} share one weight (tied), which takes one palette, but are asked "
+                f"{'16 bits' if prev is None else prev.label} and {'16 bits' if spec is None else spec.label}; "
+                "give both the same spec"
+            )
+        asked.setdefault(first, (name, spec))
+
     exact: dict[str, PaletteSpec | None] = {}
     patterns: list[tuple[str, re.Pattern, PaletteSpec | None]] = []
     types: list[tuple[type, PaletteSpec | None]] = []
@@ -162,8 +205,9 @@ def resolve_specs(
             types.append((key, spec))
         elif not isinstance(key, str):
             raise ValueError(f"mapping keys are layer names, patterns or module types, got {key!r}")
-        elif key in every:
-            exact[key] = spec
+        elif key in every or key in alias:
+            ask(key, spec)
+            exact[alias.get(key, key)] = spec
         else:
             try:
                 patterns.append((key, re.compile(key), spec))
@@ -172,10 +216,17 @@ def resolve_specs(
     chosen = dict(exact)
     for key, rx, spec in patterns:
         hits = [n for n in targets if rx.fullmatch(n)]
-        if not hits:
+        tied_hits = [a for a, first in alias.items() if first in targets and rx.fullmatch(a)]
+        if not hits and not tied_hits:
             unused.append(key)
-        for n in hits:
-            chosen.setdefault(n, spec)
+        for n in hits + tied_hits:
+            first = alias.get(n, n)
+            if first not in exact:
+                if first in chosen:
+                    ask(n, spec) if chosen[first] != spec else None
+                else:
+                    ask(n, spec)
+                chosen.setdefault(first, spec)
     for cls, spec in types:
         hits = [n for n, m in targets.items() if isinstance(m, cls)]
         if not hits:
@@ -244,7 +295,8 @@ class Recipe:
         `resolve_specs`); target layers it does not select stay at 16 bits."""
         specs = resolve_specs(model, spec_or_mapping, min_numel)
         every = target_layers(model, 0)
-        named = set(spec_or_mapping) if isinstance(spec_or_mapping, Mapping) else set()
+        alias = _alias_map(model)
+        named = {alias.get(k, k) for k in spec_or_mapping if isinstance(k, str)} if isinstance(spec_or_mapping, Mapping) else set()
         targets = {n: m for n, m in every.items() if m.weight.numel() >= min_numel or n in named}
         recipe = cls.dense(model, targets, predicted_psnr=predicted_psnr, seed=seed, info=info)
         for n, s in specs.items():
@@ -290,6 +342,13 @@ class Recipe:
     def check(self, model: nn.Module) -> None:
         """Raise ValueError unless every recipe layer is a target of `model` with the same shape."""
         targets = target_layers(model, min_numel=0)
+        alias = _alias_map(model)
+        tied = [n for n in self.layers if n in alias]
+        if tied:
+            raise ValueError(
+                f"this recipe names {tied[0]}, whose weight is tied to {alias[tied[0]]}'s (one Parameter): "
+                f"a tied weight takes one palette, under {alias[tied[0]]}; recompute the recipe for this model"
+            )
         unknown = [n for n in self.layers if n not in targets]
         mismatched = [
             f"{n}: recipe {self.shapes[n]} vs model {tuple(targets[n].weight.shape)}"
@@ -351,78 +410,80 @@ class Recipe:
             "format": FORMAT,
             "version": VERSION,
             "palette_version": self.palette_version,
-            "seed": self.seed,
-            "model": {"class": self.model.cls, "parameters": self.model.parameters,
+            "seed": int(self.seed),
+            "model": {"class": self.model.cls, "parameters": int(self.model.parameters),
                       "fingerprint": self.model.fingerprint},
             "size_bytes": self.size_bytes,
-            "fixed_bytes": self.fixed_bytes,
-            "predicted_psnr": self.predicted_psnr,
+            "fixed_bytes": int(self.fixed_bytes),
+            "predicted_psnr": None if self.predicted_psnr is None else float(self.predicted_psnr),
             "info": self.info,
             "layers": {n: self._layer_dict(n) for n in self.layers},
         }
 
     def _layer_dict(self, name: str) -> dict[str, Any]:
         spec = self.layers[name]
-        d: dict[str, Any] = {"shape": list(self.shapes[name]), "spec": None if spec is None else spec.to_dict()}
+        d: dict[str, Any] = {"shape": [int(x) for x in self.shapes[name]], "spec": None if spec is None else spec.to_dict()}
         if name in self.luts:
             d["lut"] = self.luts[name].numpy().astype("<f2").tobytes().hex()
         return d
 
     def dumps(self) -> str:
         """Deterministic JSON: same recipe, same bytes."""
-        return json.dumps(self.to_dict(), sort_keys=True, indent=1, allow_nan=False) + "\n"
+        return json.dumps(self.to_dict(), sort_keys=True, indent=1, allow_nan=False, default=plain) + "\n"
 
     def save(self, path: str | os.PathLike) -> None:
         write_atomic(path, self.dumps())
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "recipe") -> "Recipe":
+        """The recipe a parsed JSON document describes; every field's type and range is checked,
+        and anything wrong is a `LoadError` (a ValueError) naming `where` and the field."""
+        hint = "; regenerate it with allocate_bits (CLI: palette allocate)"
+        check_header(d, FORMAT, VERSION, where, "recipe")
         try:
-            if not isinstance(d, dict) or d.get("format") != FORMAT:
-                raise ValueError(f"not a {FORMAT} document (format={d.get('format') if isinstance(d, dict) else None!r})")
-            if d.get("version") != VERSION:
-                raise ValueError(f"unsupported version {d.get('version')!r}; this palette reads {VERSION}")
             expected = {"format", "version", "palette_version", "seed", "model", "size_bytes",
                         "fixed_bytes", "predicted_psnr", "info", "layers"}
             if set(d) != expected:
-                raise ValueError(f"unexpected or missing keys: {sorted(set(d) ^ expected)}")
-            m = d["model"]
-            model = ModelIdentity(str(m["class"]), _int(m["parameters"], "model.parameters"),
-                                  str(m["fingerprint"]))
-            if not isinstance(d["layers"], dict) or not d["layers"]:
+                raise ValueError(f"unexpected or missing keys: {sorted(map(str, set(d) ^ expected))}")
+            m = dict_field(d["model"], "model")
+            model = ModelIdentity(str_field(field_of(m, "class", "model"), "model.class"),
+                                  int_field(field_of(m, "parameters", "model"), "model.parameters"),
+                                  str_field(field_of(m, "fingerprint", "model"), "model.fingerprint"))
+            if not dict_field(d["layers"], "layers"):
                 raise ValueError("layers must be a non-empty object")
             layers: dict[str, PaletteSpec | None] = {}
             shapes: dict[str, tuple[int, ...]] = {}
             luts: dict[str, torch.Tensor] = {}
             for name, rec in d["layers"].items():
                 if not isinstance(rec, dict) or not {"shape", "spec"} <= set(rec) <= {"shape", "spec", "lut"}:
-                    raise ValueError(f"layer {name!r}: expected keys shape, spec (and lut), got {rec!r}")
-                shape = tuple(_int(x, f"layer {name!r} shape") for x in rec["shape"])
-                if not shape or min(shape) < 1:
-                    raise ValueError(f"layer {name!r}: bad shape {rec['shape']!r}")
-                spec = None if rec["spec"] is None else PaletteSpec.from_dict(rec["spec"])
+                    raise ValueError(f"layer {name!r}: expected keys shape, spec (and lut), got {_short(rec)}")
+                shape = tuple(int_field(x, f"layer {name!r} shape", 1)
+                              for x in list_field(rec["shape"], f"layer {name!r} shape"))
+                if not shape:
+                    raise ValueError(f"layer {name!r}: empty shape")
+                spec = None if rec["spec"] is None else PaletteSpec.from_dict(rec["spec"], f"layer {name!r}")
                 if spec is not None:
                     spec.n_groups(shape[0], name)
                 if "lut" in rec:
                     luts[name] = _lut(rec["lut"], spec, shape, name)
                 layers[name], shapes[name] = spec, shape
-            psnr = d["predicted_psnr"]
-            if psnr is not None and not isinstance(psnr, (int, float)):
-                raise ValueError(f"predicted_psnr must be a number or null, got {psnr!r}")
-            recipe = cls(layers, shapes, _int(d["fixed_bytes"], "fixed_bytes"), model,
-                         None if psnr is None else float(psnr), _int(d["seed"], "seed"),
-                         str(d["palette_version"]), dict(d["info"]), luts)
-            if recipe.size_bytes != d["size_bytes"]:
+            psnr = float_field(d["predicted_psnr"], "predicted_psnr", none=True)
+            recipe = cls(layers, shapes, int_field(d["fixed_bytes"], "fixed_bytes"), model, psnr,
+                         int_field(d["seed"], "seed", None), str_field(d["palette_version"], "palette_version"),
+                         dict(dict_field(d["info"], "info")), luts)
+            size = int_field(d["size_bytes"], "size_bytes")
+            if recipe.size_bytes != size:
                 raise ValueError(
-                    f"size_bytes {d['size_bytes']} does not match its layers ({recipe.size_bytes}): "
+                    f"size_bytes {size} does not match its layers ({recipe.size_bytes}): "
                     "the file was edited by hand or is damaged"
                 )
             return recipe
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise ValueError(f"{where}: invalid recipe: {e}") from None
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
+            raise LoadError(f"{where}: invalid recipe: {e}{hint}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":
+        """Read a recipe file; a damaged or hand-broken one is a `LoadError` naming it."""
         return cls.from_dict(read_json(path, "recipe", "; regenerate it with allocate_bits"), str(path))
 
     # -- Apple ml-stable-diffusion ---------------------------------------------------------------
@@ -472,8 +533,14 @@ class Recipe:
         return {"model_version": version, "baselines": {}, "recipes": {key: entry}}
 
     @classmethod
+    def load_apple(cls, path: str | os.PathLike, recipe_name: str, model: nn.Module) -> "Recipe":
+        """`from_apple` of the pre-analysis JSON file at `path` (checked by `read_apple`)."""
+        return cls.from_apple(read_apple(path), recipe_name, model)
+
+    @classmethod
     def from_apple(cls, data: Mapping[str, Any], recipe_name: str, model: nn.Module) -> "Recipe":
         """Import one recipe of Apple's pre-analysis JSON for `model` (names are resolved against it)."""
+        check_apple(data, "Apple pre-analysis JSON")
         recipes = data.get("recipes") if isinstance(data, Mapping) else None
         if not isinstance(recipes, Mapping) or recipe_name not in recipes:
             have = list(recipes) if isinstance(recipes, Mapping) else []
@@ -494,6 +561,33 @@ class Recipe:
 # Conv2d above 1e5 weights) at per-tensor 1, 2, 4, 6 or 8 bits.
 APPLE = Candidates(nbits=APPLE_NBITS, granularities=("per_tensor",), min_numel=APPLE_MIN_NUMEL,
                    types=(nn.Linear, nn.Conv2d))
+
+
+def check_apple(data: Any, where: str) -> dict:
+    """Apple's pre-analysis JSON, checked: an object with `recipes` ({name: {module: nbits}}, nbits
+    among 1, 2, 4, 6, 8 or 16), optional `baselines` ({module: finite PSNR}) and `model_version`
+    (a string); anything else is a `LoadError` naming `where`."""
+    try:
+        d = dict_field(data, "the document")
+        unknown = set(d) - {"model_version", "baselines", "recipes"}
+        if unknown:
+            raise ValueError(f"unknown key(s) {sorted(map(str, unknown))}")
+        if "model_version" in d and d["model_version"] is not None:
+            str_field(d["model_version"], "model_version")
+        for n, v in dict_field(d.get("baselines", {}), "baselines").items():
+            float_field(v, f"baselines[{n!r}]")
+        for r, entry in dict_field(field_of(d, "recipes", "the document"), "recipes").items():
+            for n, nbits in dict_field(entry, f"recipes[{r!r}]").items():
+                if isinstance(nbits, bool) or nbits not in (*APPLE_NBITS, 16) or not isinstance(nbits, int):
+                    raise ValueError(f"recipes[{r!r}][{n!r}]: nbits {_short(nbits)} is not one of {APPLE_NBITS} or 16")
+        return d
+    except ValueError as e:
+        raise LoadError(f"{where}: invalid Apple pre-analysis JSON: {e}") from None
+
+
+def read_apple(path: str | os.PathLike) -> dict:
+    """Read and check Apple's pre-analysis JSON (`check_apple`); a damaged file is a `LoadError`."""
+    return check_apple(read_json(path, "Apple pre-analysis JSON"), str(path))
 
 
 def same_layout(a: PaletteSpec, b: PaletteSpec, out_channels: int) -> bool:
@@ -529,10 +623,5 @@ def _lut(text: Any, spec: PaletteSpec | None, shape: tuple[int, ...], name: str)
     return torch.from_numpy(np.frombuffer(raw, dtype="<f2").astype(np.float16).reshape(want))
 
 
-def _int(x: Any, what: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise ValueError(f"{what}: expected an integer, got {x!r}")
-    return x
-
-
-__all__ = ["APPLE", "NBITS", "Candidates", "ModelIdentity", "Recipe", "as_recipe", "resolve_specs", "target_layers"]
+__all__ = ["APPLE", "NBITS", "Candidates", "ModelIdentity", "Recipe", "as_recipe", "resolve_specs", "target_layers",
+           "tied_layers"]

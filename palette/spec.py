@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ._checks import boolean, integer
+
 NBITS: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
 GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_grouped_channel")
 CLUSTER_DIMS: tuple[int, ...] = (1, 2, 4)
@@ -33,14 +35,25 @@ class PaletteSpec:
     per_channel_scale: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.nbits, bool) or self.nbits not in NBITS:
+        # types first, once, here at the boundary: numpy integers become ints, floats are refused
+        for name, allowed in (("nbits", f"one of {NBITS}"), ("cluster_dim", f"one of {CLUSTER_DIMS}"),
+                              ("group_size", "a positive int")):
+            value = getattr(self, name)
+            if value is not None or name != "group_size":
+                try:
+                    object.__setattr__(self, name, integer(value, name))
+                except ValueError:
+                    raise ValueError(f"{name} must be {allowed} (an integer), got {value!r} "
+                                     f"({type(value).__name__})") from None
+        object.__setattr__(self, "per_channel_scale", boolean(self.per_channel_scale, "per_channel_scale"))
+        if not isinstance(self.granularity, str):
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.nbits not in NBITS:
             raise ValueError(f"nbits must be one of {NBITS} (Core ML's LUT sizes), got {self.nbits!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if isinstance(self.cluster_dim, bool) or self.cluster_dim not in CLUSTER_DIMS:
+        if self.cluster_dim not in CLUSTER_DIMS:
             raise ValueError(f"cluster_dim must be one of {CLUSTER_DIMS}, got {self.cluster_dim!r}")
-        if not isinstance(self.per_channel_scale, bool):
-            raise ValueError(f"per_channel_scale must be a bool, got {self.per_channel_scale!r}")
         if self.granularity == "per_tensor":
             if self.group_size is not None:
                 raise ValueError(
@@ -116,10 +129,15 @@ class PaletteSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PaletteSpec":
+    def from_dict(cls, data: dict[str, Any], layer: str | None = None) -> "PaletteSpec":
+        """The spec a JSON object describes; a ValueError naming `layer` (if given) and the field."""
+        where = f"{layer}: " if layer else ""
         if not isinstance(data, dict):
-            raise ValueError(f"a PaletteSpec must be a JSON object, got {type(data).__name__}")
+            raise ValueError(f"{where}a PaletteSpec must be a JSON object, got {type(data).__name__}")
         unknown = set(data) - {f for f in cls.__dataclass_fields__}
         if unknown:
-            raise ValueError(f"unknown PaletteSpec field(s) {sorted(unknown)}")
-        return cls(**data)
+            raise ValueError(f"{where}unknown PaletteSpec field(s) {sorted(map(str, unknown))}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}{e}") from None

@@ -3,6 +3,7 @@ processes (gloo) give the single process's files, byte for byte."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ def unet_dir(tmp_path_factory) -> Path:
 def torchrun(argv: list[str], tmp: Path) -> None:
     """`torchrun --standalone --nproc_per_node=2 -m palette ...`, one thread each (gloo)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "palette", *argv]
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp), "HF_HUB_OFFLINE": "1"}
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}  # the checkout under test, as in this process
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

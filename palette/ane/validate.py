@@ -22,6 +22,7 @@ from torch import nn
 from palette.ane.diffusers_attention import DiffusersUndo
 from palette.ane.split_einsum import SplitEinsumState, is_split_einsum, restore_attention, split_einsum
 from palette.metrics import psnr
+from palette.palettize import untouched
 
 LAYOUT_OPS = ("transpose", "reshape")
 ATTENTION_OPS = ("einsum", "matmul", "softmax", "scaled_dot_product_attention")
@@ -159,37 +160,36 @@ def validate_split_einsum(
     inputs = CallInputs.of(inputs)
     if is_split_einsum(model):
         raise RuntimeError("validate_split_einsum needs the model as it is, not already rewritten")
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
+    with untouched(model):
+        return _validate(model, inputs, variant, chunk_size, convert, min_psnr)
+
+
+def _validate(model, inputs, variant, chunk_size, convert, min_psnr) -> "SplitEinsumReport":
+    with torch.no_grad():
+        reference = _first_tensor(inputs.call(model))
+    original_ops = None
+    state: SplitEinsumState | None = None
     try:
+        state = split_einsum(model, variant=variant, chunk_size=chunk_size)
+        scopes = _attention_types(state)
         with torch.no_grad():
-            reference = _first_tensor(inputs.call(model))
-        original_ops = None
-        state: SplitEinsumState | None = None
-        try:
-            state = split_einsum(model, variant=variant, chunk_size=chunk_size)
-            scopes = _attention_types(state)
-            with torch.no_grad():
-                output = _first_tensor(inputs.call(model))
-            rewrite_ops = _program_ops(model, inputs, scopes) if convert else None
-        finally:
-            if state is not None:
-                restore_attention(model)
-        if convert:
-            original_ops = _program_ops(model, inputs, scopes)
-        return SplitEinsumReport(
-            variant=variant,
-            chunk_size=state.chunk_size,
-            attention_modules=state.count,
-            psnr=psnr(output, reference),
-            max_abs_error=float((output - reference).abs().max()),
-            original_ops=original_ops,
-            rewrite_ops=rewrite_ops,
-            min_psnr=min_psnr,
-        )
+            output = _first_tensor(inputs.call(model))
+        rewrite_ops = _program_ops(model, inputs, scopes) if convert else None
     finally:
-        for module, training in modes.items():
-            module.training = training
+        if state is not None:
+            restore_attention(model)
+    if convert:
+        original_ops = _program_ops(model, inputs, scopes)
+    return SplitEinsumReport(
+        variant=variant,
+        chunk_size=state.chunk_size,
+        attention_modules=state.count,
+        psnr=psnr(output, reference),
+        max_abs_error=float((output - reference).abs().max()),
+        original_ops=original_ops,
+        rewrite_ops=rewrite_ops,
+        min_psnr=min_psnr,
+    )
 
 
 def _attention_types(state: SplitEinsumState) -> set[str]:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .._jsonio import LoadError, check_header, dict_field, field_of, int_field, list_field, read_json, str_field, write_atomic
 from ..chunking import check_limit, too_big
 from .verify import ExportReport, VerificationError, _mul16, _stored_sizes, load_program, lut_to_dense
 
@@ -279,28 +280,48 @@ class ChunkManifest:
 
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / MANIFEST
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ChunkManifest":
-        """Read `manifest.json` (or the folder holding it)."""
+        """Read `manifest.json` (or the folder holding it); every field is checked, and a damaged
+        or hand-broken file is a `LoadError` (a ValueError) naming it."""
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST
-        d = json.loads(path.read_text())
-        if d.get("format") != FORMAT or d.get("version") != VERSION:
-            raise ValueError(f"{path}: not a {FORMAT} v{VERSION} manifest")
-
-        chunks = [
-            ChunkInfo(**{**c, "inputs": _tensors(c["inputs"], ChunkInput),
-                         "outputs": _tensors(c["outputs"], ChunkOutput)})
-            for c in d["chunks"]
-        ]
-        return cls(
-            d["source"], d["max_chunk_bytes"], d["total_weight_bytes"], _tensors(d["inputs"]),
-            _tensors(d["outputs"]), chunks, d["shared"], folder=str(path.parent),
-        )
+        d = check_header(read_json(path, "chunk manifest"), FORMAT, VERSION, str(path), "chunk manifest")
+        try:
+            expected = {"format", "version", "source", "max_chunk_bytes", "total_weight_bytes", "inputs", "outputs",
+                        "chunks", "shared"}
+            if set(d) != expected:
+                raise ValueError(f"unexpected or missing keys: {sorted(map(str, set(d) ^ expected))}")
+            chunks = []
+            for k, c in enumerate(list_field(d["chunks"], "chunks")):
+                c = dict_field(c, f"chunks[{k}]")
+                want = {f.name for f in dataclasses.fields(ChunkInfo)}
+                if set(c) != want:
+                    raise ValueError(f"chunks[{k}]: unexpected or missing keys {sorted(map(str, set(c) ^ want))}")
+                chunks.append(ChunkInfo(
+                    str_field(c["path"], f"chunks[{k}].path"), int_field(c["weight_bytes"], f"chunks[{k}].weight_bytes"),
+                    int_field(c["weight_file_bytes"], f"chunks[{k}].weight_file_bytes"),
+                    int_field(c["n_ops"], f"chunks[{k}].n_ops"), str_field(c["first_op"], f"chunks[{k}].first_op"),
+                    str_field(c["last_op"], f"chunks[{k}].last_op"),
+                    _tensors(c["inputs"], ChunkInput, f"chunks[{k}].inputs"),
+                    _tensors(c["outputs"], ChunkOutput, f"chunks[{k}].outputs")))
+            shared = dict_field(d["shared"], "shared")
+            for n, v in shared.items():
+                v = dict_field(v, f"shared[{n!r}]")
+                int_field(field_of(v, "bytes", f"shared[{n!r}]"), f"shared[{n!r}].bytes")
+                for i in list_field(field_of(v, "chunks", f"shared[{n!r}]"), f"shared[{n!r}].chunks"):
+                    int_field(i, f"shared[{n!r}].chunks")
+            return cls(
+                str_field(d["source"], "source"), int_field(d["max_chunk_bytes"], "max_chunk_bytes", 1),
+                int_field(d["total_weight_bytes"], "total_weight_bytes"), _tensors(d["inputs"], TensorInfo, "inputs"),
+                _tensors(d["outputs"], TensorInfo, "outputs"), chunks, shared, folder=str(path.parent),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise LoadError(f"{path}: invalid chunk manifest: {e}; export the chunks again") from None
 
     def summary(self) -> str:
         sizes = ", ".join(f"{c.weight_bytes:,}" for c in self.chunks)
@@ -310,13 +331,23 @@ class ChunkManifest:
         )
 
 
-def _tensors(items: list[dict], kind: type = TensorInfo) -> list:
-    """TensorInfo (or ChunkInput/ChunkOutput) from their JSON dicts (lists back to tuples)."""
+def _tensors(items: Any, kind: type = TensorInfo, what: str = "tensors") -> list:
+    """TensorInfo (or ChunkInput/ChunkOutput) from their JSON dicts, each field checked."""
     out = []
-    for t in items:
-        t = {**t, "shape": tuple(t["shape"])}
+    for k, t in enumerate(list_field(items, what)):
+        w = f"{what}[{k}]"
+        t = dict_field(t, w)
+        want = {f.name for f in dataclasses.fields(kind)}
+        if not {"name", "shape", "dtype"} <= set(t) <= want:
+            raise ValueError(f"{w}: unexpected or missing keys {sorted(map(str, set(t) ^ want))}")
+        t = {**t, "name": str_field(t["name"], f"{w}.name"), "dtype": str_field(t["dtype"], f"{w}.dtype"),
+             "shape": tuple(int_field(x, f"{w}.shape") for x in list_field(t["shape"], f"{w}.shape"))}
         if "to_chunks" in t:
-            t["to_chunks"] = tuple(t["to_chunks"])
+            t["to_chunks"] = tuple(int_field(x, f"{w}.to_chunks") for x in list_field(t["to_chunks"], f"{w}.to_chunks"))
+        if t.get("from_chunk") is not None:
+            int_field(t["from_chunk"], f"{w}.from_chunk")
+        if "model_output" in t and not isinstance(t["model_output"], bool):
+            raise ValueError(f"{w}.model_output: expected true or false")
         out.append(kind(**t))
     return out
 
@@ -517,6 +548,32 @@ def _write_chunk(
     )
     mlmodel.short_description = description
     mlmodel.save(str(path))
+    normalise_manifest(path)
+
+
+def normalise_manifest(package: str | os.PathLike) -> None:
+    """Make a saved mlpackage's Manifest.json the same bytes for the same model: coremltools names
+    the items in it with fresh random UUIDs on every save (the files they point to are named by
+    role, not by UUID); they are replaced by UUIDs derived from each item's path, so that two
+    exports of the same model and recipe are identical byte for byte."""
+    import json
+    import uuid
+
+    manifest = Path(package) / "Manifest.json"
+    if not manifest.exists():
+        return
+    d = json.loads(manifest.read_text())
+    items = d.get("itemInfoEntries")
+    if not isinstance(items, dict):
+        return
+    renamed = {}
+    for key, item in items.items():
+        path = item.get("path", key) if isinstance(item, dict) else key
+        renamed[key] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"palette:{path}")).upper()
+    d["itemInfoEntries"] = {renamed[k]: v for k, v in sorted(items.items(), key=lambda kv: renamed[kv[0]])}
+    if d.get("rootModelIdentifier") in renamed:
+        d["rootModelIdentifier"] = renamed[d["rootModelIdentifier"]]
+    manifest.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
 # -- verification ------------------------------------------------------------------------------

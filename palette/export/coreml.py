@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -26,9 +25,10 @@ from torch import nn
 
 from ..chunking import check_chunk_limit
 from ..cluster import Palette
-from ..palettize import dense_lookalikes, palettized, planned_palettes
+from .._jsonio import atomic_path
+from ..palettize import dense_lookalikes, palettized, planned_palettes, untouched
 from ..recipe import PaletteSpec, Recipe, SpecMapping, target_layers
-from .chunk import ChunkedExportReport, chunk_mlpackage, chunks_folder
+from .chunk import ChunkedExportReport, chunk_mlpackage, chunks_folder, normalise_manifest
 from .verify import ExportReport, verify_mlpackage
 
 
@@ -58,11 +58,12 @@ class _Traceable(nn.Module):
 
 
 def save_replacing(mlmodel: Any, path: str | os.PathLike) -> Path:
-    """Save `mlmodel` at `path`, replacing whatever package or file was there."""
+    """Save `mlmodel` at `path` whole or not at all: written beside it under a temporary name, then
+    moved over whatever package was there (`_jsonio.atomic_path`), its Manifest.json normalised."""
     path = Path(path)
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    mlmodel.save(str(path))
+    with atomic_path(path, directory=True) as tmp:
+        mlmodel.save(str(tmp))
+        normalise_manifest(tmp)
     return path
 
 
@@ -179,26 +180,28 @@ def export_coreml(
         **(convert_kwargs or {}),
     }
     wrapper = _Traceable(model, keywords, constants)
-    training = {m: m.training for m in model.modules()}
     t0 = time.perf_counter()
-    # with a recipe, the model carries exactly its palettes for this conversion only
-    with palettized(model, palettes) if recipe is not None else nullcontext(), torch.no_grad():
+    # with a recipe, the model carries exactly its palettes for this conversion only; every module's
+    # training flag and buffer is restored afterwards (`untouched`)
+    with untouched(model), palettized(model, palettes) if recipe is not None else nullcontext(), torch.no_grad():
         wrapper.eval()
-        try:
-            traced = torch.jit.trace(wrapper, inputs, check_trace=False, strict=False)
-        finally:
-            for m, flag in training.items():
-                m.training = flag
+        traced = torch.jit.trace(wrapper, inputs, check_trace=False, strict=False)
         mlmodel = ct.convert(traced, **kwargs)
     seconds = {"convert": time.perf_counter() - t0}
-    path = save_replacing(mlmodel, path)
-    if not verify:
-        report = ExportReport(str(path), len(palettes), len(kept), 0, sum(p.nbytes for p in palettes.values()), 0, 0, seconds=seconds)
-    else:
-        t1 = time.perf_counter()
-        report = verify_mlpackage(path, palettes, kept)
-        seconds["verify"] = time.perf_counter() - t1
-        report.seconds = seconds
+    path = Path(path)
+    # written beside `path` under a temporary name and verified there: a package already at `path`
+    # is replaced only by a verified one, and an exception or Ctrl-C leaves it as it was
+    with atomic_path(path, directory=True) as tmp:
+        mlmodel.save(str(tmp))
+        normalise_manifest(tmp)
+        if not verify:
+            report = ExportReport(str(path), len(palettes), len(kept), 0, sum(p.nbytes for p in palettes.values()), 0, 0, seconds=seconds)
+        else:
+            t1 = time.perf_counter()
+            report = verify_mlpackage(tmp, palettes, kept)
+            report.path = str(path)
+            seconds["verify"] = time.perf_counter() - t1
+            report.seconds = seconds
     if max_chunk_bytes is None:
         return report
     t2 = time.perf_counter()

@@ -44,12 +44,14 @@ import json
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._jsonio import LoadError, atomic_path, loads_json
 from ..cluster import Palette, check_palette
 from ..palettize import planned_palettes
 from ..recipe import Recipe, SpecMapping
@@ -116,7 +118,8 @@ def export_palettes(
         "layers": layers,
         "offsets": offsets,
     }
-    save_file(tensors, str(path), metadata={FORMAT: json.dumps(header, sort_keys=True, separators=(",", ":"))})
+    with atomic_path(path) as tmp:  # whole or not at all, beside `path`
+        save_file(tensors, str(tmp), metadata={FORMAT: json.dumps(header, sort_keys=True, separators=(",", ":"))})
     return os.path.getsize(path)
 
 
@@ -126,16 +129,21 @@ def load_palettes(path: str | os.PathLike) -> dict[str, Palette]:
     Raises ValueError naming the problem for files that are not palette files, of another format
     version, or whose header and tensors disagree (offsets out of range, wrong sizes, ...).
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
+    if Path(path).is_dir():
+        raise LoadError(f"{path}: is a directory, not a palettes file")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OverflowError, TypeError, ValueError) as e:
+        raise LoadError(f"{path}: damaged safetensors file ({str(e).splitlines()[0][:200]}); "
+                        "export the palettes again (palette export -o NAME.safetensors)") from None
+    if True:
         if FORMAT not in meta:
-            raise ValueError(f"{path}: not a palette file (no {FORMAT!r} key in its safetensors metadata)")
-        try:
-            header = json.loads(meta[FORMAT])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: the {FORMAT!r} metadata is not valid JSON ({e})") from None
+            raise LoadError(f"{path}: not a palette file (no {FORMAT!r} key in its safetensors metadata)")
+        header = loads_json(meta[FORMAT], str(path), f"palettes ({FORMAT!r} metadata)")
         if not isinstance(header, dict):
             raise ValueError(f"{path}: the {FORMAT!r} metadata must be a JSON object")
         version = header.get("version", header.get("format_version"))
@@ -144,13 +152,17 @@ def load_palettes(path: str | os.PathLike) -> dict[str, Palette]:
                 f"{path}: palette format {header.get('format')!r} version {version!r}; "
                 f"this palette reads format {FORMAT!r} version {FORMAT_VERSION}"
             )
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return _palettes_from(header, tensors, str(path))
+    try:
+        return _palettes_from(header, tensors, str(path))
+    except LoadError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, IndexError) as e:
+        raise LoadError(f"{path}: invalid palettes file: {e}") from None
 
 
 def _palettes_from(header: dict[str, Any], tensors: dict[str, np.ndarray], path: str) -> dict[str, Palette]:
     def bad(msg: str) -> ValueError:
-        return ValueError(f"{path}: {msg}")
+        return LoadError(f"{path}: {msg}")
 
     if header.get("bit_order") != "lsb-first":
         raise bad(f"bit_order {header.get('bit_order')!r}; only 'lsb-first' is defined")

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._jsonio import LoadError
 from ..cluster import Palette
 
 BLOB_SENTINEL = 0xDEADBEEF
@@ -143,12 +144,20 @@ def load_program(path: str | os.PathLike):
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
 
-    mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
-    spec = mlmodel.get_spec()
-    if spec.WhichOneof("Type") != "mlProgram":
-        raise ValueError(f"{path}: not an ML Program (got {spec.WhichOneof('Type')}); convert with convert_to='mlprogram'")
-    weights_dir = Path(mlmodel.weights_dir)
-    prog = milproto_load(spec, spec.specificationVersion, str(weights_dir))
+    if not Path(path).is_dir() or not (Path(path) / "Manifest.json").is_file():
+        raise LoadError(f"{path}: not an mlpackage (a folder with a Manifest.json); export it again")
+    try:
+        mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
+        spec = mlmodel.get_spec()
+        if spec.WhichOneof("Type") != "mlProgram":
+            raise LoadError(f"{path}: not an ML Program (got {spec.WhichOneof('Type')}); convert with convert_to='mlprogram'")
+        weights_dir = Path(mlmodel.weights_dir)
+        prog = milproto_load(spec, spec.specificationVersion, str(weights_dir))
+    except LoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- coremltools' and protobuf's errors for a damaged package
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise LoadError(f"{path}: damaged mlpackage ({type(e).__name__}: {first}); export it again") from None
     return prog, spec, weights_dir
 
 
@@ -279,7 +288,11 @@ def verify_mlpackage(
     equal to `weight.half()`.
     """
     prog, spec, weights_dir = load_program(path)
-    sizes = _stored_sizes(spec, weights_dir)
+    try:
+        sizes = _stored_sizes(spec, weights_dir)
+    except (OSError, struct.error, KeyError, IndexError) as e:
+        raise LoadError(f"{path}: damaged mlpackage (its weights cannot be read: {type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]}); export it again") from None
     stored = palettized_weights(prog, sizes)
     by_print: dict[tuple, list[int]] = defaultdict(list)
     for i, sw in enumerate(stored):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._jsonio import LoadError as _FileLoadError, read_json
 from ..probe import ProbeSet, make_probe_set
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -30,8 +31,9 @@ MODEL_HELP = (
 PALETTES_FILE = "palettes.safetensors"  # the palettes a `palette apply` folder carries
 
 
-class LoadError(ValueError):
-    """The model a user named cannot be loaded: the message says why and what to do."""
+class LoadError(_FileLoadError):
+    """The model a user named cannot be loaded: the message says why and what to do (a
+    `palette._jsonio.LoadError`, so a ValueError)."""
 
 
 @dataclass
@@ -132,12 +134,13 @@ def _read_config(name: str, subfolder: str | None, local: bool) -> dict[str, Any
                     f"{name} is a pipeline; choose a component with --subfolder ({', '.join(parts)})"
                 )
             raise LoadError(f"{cfg} not found: --model must be a from_pretrained directory")
-        return json.loads(cfg.read_text())
+        return _config_dict(read_json(cfg, "config.json"), cfg)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        return json.loads(Path(hf_hub_download(name, "config.json", subfolder=subfolder)).read_text())
+        cfg_file = Path(hf_hub_download(name, "config.json", subfolder=subfolder))
+        return _config_dict(read_json(cfg_file, "config.json"), cfg_file)
     except LocalEntryNotFoundError:
         raise LoadError(
             f"cannot reach the Hugging Face hub for {name} and it is not in the local cache (no "
@@ -152,6 +155,16 @@ def _read_config(name: str, subfolder: str | None, local: bool) -> dict[str, Any
         ) from None
     except OSError as e:  # repository not found, gated, or a network failure
         raise LoadError(f"cannot load {name} from the hub: {e}") from None
+
+
+def _config_dict(cfg: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        raise LoadError(f"{path}: not a model config (expected a JSON object)")
+    return cfg
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _load_pretrained(name: str, subfolder: str | None, local: bool) -> Loaded:
@@ -187,6 +200,17 @@ def _carry_saved_palettes(loaded: Loaded, path: Path) -> None:
 
 
 def _load_component(name: str, subfolder: str | None, local: bool) -> Loaded:
+    label = f"{name}{'/' + subfolder if subfolder else ''}"
+    try:
+        return _load_component_unchecked(name, subfolder, local)
+    except LoadError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        # no weights in the folder, damaged weight files, a config the library cannot build
+        raise LoadError(f"--model {label}: cannot load it ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _load_component_unchecked(name: str, subfolder: str | None, local: bool) -> Loaded:
     cfg = _read_config(name, subfolder, local)
     kw: dict[str, Any] = {"subfolder": subfolder} if subfolder else {}
     label = f"{name}{'/' + subfolder if subfolder else ''}"
@@ -274,7 +298,17 @@ def _load_safetensors(path: Path, config: str | None) -> Loaded:
     cfg_path = Path(config) if config else path.with_name("config.json")
     if not cfg_path.is_file():
         raise LoadError(f"{path} needs its architecture: pass --config path/to/config.json")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = _config_dict(read_json(cfg_path, "config.json"), cfg_path)
+    try:
+        return _build_from_safetensors(path, cfg_path, cfg, load_file)
+    except LoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- safetensors' and the libraries' errors for a damaged file or config
+        raise LoadError(f"--model {path}: cannot load it with {cfg_path} ({type(e).__name__}: {_first_line(e)}); "
+                        "is the file complete, and the config the one it was saved with?") from None
+
+
+def _build_from_safetensors(path: Path, cfg_path: Path, cfg: dict[str, Any], load_file: Callable) -> Loaded:
     if "_class_name" in cfg:
         import diffusers
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._jsonio import write_atomic
+from .._jsonio import LoadError, atomic_path, read_json, write_atomic
 
 
 def fingerprint(targets: dict[str, nn.Module], specs, method, seed, n_probes, description) -> str:
@@ -43,10 +44,12 @@ class Cache:
         if not state.exists():
             self._write()
         else:
-            try:
-                d = json.loads(state.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{state}: corrupt probe cache ({e}); delete {self.dir}") from None
+            d = read_json(state, "probe cache state", f"; delete {self.dir} (the probe starts afresh)")
+            if not isinstance(d, dict) or not isinstance(d.get("done"), dict) or not all(
+                    isinstance(v, list) and all(isinstance(r, list) and all(x is None or isinstance(x, (int, float))
+                                                                            for x in r) for r in v)
+                    for v in d["done"].values()):
+                raise LoadError(f"{state}: damaged probe cache state; delete {self.dir} (the probe starts afresh)")
             if d.get("fingerprint") != fingerprint:
                 raise ValueError(
                     f"probe cache {self.dir} belongs to another model, probe set or settings; "
@@ -67,11 +70,20 @@ class Cache:
         return None if e is None else np.array([[np.nan if x is None else x for x in r] for r in e], dtype=np.float64)
 
     def load_tensors(self, name: str) -> Any:
+        """A finished part, or None (not cached yet). A damaged file (cut short, edited) is a
+        cache miss: a warning names it, it is removed, and that part is computed again."""
         path = self.dir / name if self.dir is not None else None
-        return torch.load(path, weights_only=False) if path is not None and path.exists() else None
+        if path is None or not path.exists():
+            return None
+        try:
+            return torch.load(path, weights_only=False)
+        except Exception as e:  # noqa: BLE001 -- pickle, zip and torch errors of a damaged file
+            warnings.warn(f"{path}: damaged probe cache file ({type(e).__name__}); removed, computing that part again",
+                          stacklevel=2)
+            path.unlink(missing_ok=True)
+            return None
 
     def save_tensors(self, name: str, obj: Any) -> None:
         if self.dir is not None:
-            tmp = self.dir / (name + ".tmp")
-            torch.save(obj, tmp)
-            os.replace(tmp, self.dir / name)
+            with atomic_path(self.dir / name) as tmp:
+                torch.save(obj, tmp)

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import integer
+
 Unit = Callable[[nn.Module], torch.Tensor]
 
 PROMPTS: tuple[str, ...] = (
@@ -142,8 +144,9 @@ def make_probe_set(
             raise ValueError("inputs is an empty list")
         units = tuple(_as_unit(item, i) for i, item in enumerate(items))
         return ProbeSet(units, f"user inputs: {len(units)} batch(es)", max(_batch_of(item) for item in items))
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    n_samples = integer(n_samples, "n_samples", minimum=1)
+    if batch_size is not None:
+        batch_size = integer(batch_size, "batch_size", minimum=1)
     try:
         from diffusers import UNet2DConditionModel
     except ImportError:  # pragma: no cover

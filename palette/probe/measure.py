@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..metrics import psnr_from_mse
-from ..palettize import palettized
+from ..palettize import palettized, untouched
 from ..recipe import PaletteSpec, Recipe, SpecMapping, as_recipe
 from .inputs import ProbeSet, make_probe_set
 
@@ -38,8 +38,10 @@ class Measurement:
 
 @torch.no_grad()
 def outputs(model: nn.Module, probe: ProbeSet) -> list[torch.Tensor]:
-    """The model's main output for every unit of the probe set, as it is now."""
-    return [unit(model).detach().clone() for unit in probe.units]
+    """The model's main output for every unit of the probe set, as it is now (in eval mode; every
+    flag and buffer restored)."""
+    with untouched(model):
+        return [unit(model).detach().clone() for unit in probe.units]
 
 
 def per_sample_mse(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> np.ndarray:
@@ -65,15 +67,18 @@ def measure(
     """Palettize `plan` (a Recipe, or a spec or mapping: `Recipe.from_specs`), run the probe set
     (`inputs`: a ProbeSet, user inputs, or None to synthesise `n_samples` with `seed`), compare with
     the original outputs (`refs` if already computed), and restore the model, whatever happens."""
-    probe = probe_set_of(model, inputs, seed, n_samples)
-    outs = palettized_outputs(model, plan, probe, seed=seed)
-    return Measurement.of(outs, outputs(model, probe) if refs is None else refs, probe.description)
+    with untouched(model):
+        probe = probe_set_of(model, inputs, seed, n_samples)
+        outs = palettized_outputs(model, plan, probe, seed=seed)
+        refs = outputs(model, probe) if refs is None else refs
+    return Measurement.of(outs, refs, probe.description)
 
 
 def palettized_outputs(
     model: nn.Module, plan: Recipe | PaletteSpec | SpecMapping, probe: ProbeSet, *, seed: int = 0
 ) -> list[torch.Tensor]:
-    """The model's outputs on `probe` with `plan` applied (fitted first), the model restored after."""
+    """The model's outputs on `probe` with `plan` applied (fitted first), run in eval mode; the
+    model restored after, whatever happens."""
     palettes = as_recipe(model, plan, seed=seed).palettes(model)
-    with palettized(model, palettes):
+    with untouched(model), palettized(model, palettes):
         return outputs(model, probe)

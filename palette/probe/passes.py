@@ -7,8 +7,6 @@ every flag and `.grad` restored on the way out, also on an exception or Keyboard
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -16,30 +14,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._interrupt import checkpoint, deferred
+from ..palettize import untouched
+from ..recipe import tied_layers
 
-@contextmanager
-def guard(model: nn.Module, freeze: bool) -> Iterator[list]:
-    """eval mode (and, with `freeze`, requires_grad off everywhere) for the probe; on exit restore
-    training flags, requires_grad flags and .grad exactly, and remove the hooks put in the list."""
-    training = [(m, m.training) for m in model.modules()]
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    hooks: list = []
-    try:
-        model.eval()
-        if freeze:
-            for p in params:
-                p.requires_grad_(False)
-        yield hooks
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, f, g in zip(params, flags, grads):
-            p.requires_grad_(f)
-            p.grad = g
-        for m, t in training:
-            m.training = t
+
+def guard(model: nn.Module, freeze: bool):
+    """The probe's guard: `palettize.untouched` (eval mode, with `freeze` requires_grad off; every
+    flag, buffer and `.grad` restored and the hooks put in the yielded list removed on exit)."""
+    return untouched(model, freeze=freeze)
 
 
 def per_sample_grad(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -147,6 +130,11 @@ def run_passes(model, targets, units, folds, n_probes, seed, want_importance, pr
         rec = Recorder(targets, folds, want_importance)
         for name, m in targets.items():
             hooks.append(m.register_forward_hook(rec.hook(name), with_kwargs=True))
+        modules = dict(model.named_modules())
+        for first, aliases in tied_layers(model).items():  # a tied weight's gradient: every use adds up
+            if first in targets:
+                for a in aliases:
+                    hooks.append(modules[a].register_forward_hook(rec.hook(first), with_kwargs=True))
         peaks, sizes, batches = [], [], []
         bar = tqdm(total=len(units) * n_probes, desc="probe passes", disable=not progress, leave=False)
         try:
@@ -165,8 +153,11 @@ def run_passes(model, targets, units, folds, n_probes, seed, want_importance, pr
                         rec.probe = k
                         v = (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out.device, out.dtype)
                         if out.requires_grad and rec.leaves:
-                            torch.autograd.grad((out * v).sum(), rec.leaves, retain_graph=k < n_probes - 1, allow_unused=True)
+                            with deferred():  # Ctrl-C never lands inside autograd's engine
+                                torch.autograd.grad((out * v).sum(), rec.leaves, retain_graph=k < n_probes - 1,
+                                                    allow_unused=True)
                         bar.update()
+                        checkpoint()
                 del out
         finally:
             bar.close()

@@ -15,6 +15,8 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._checks import check_loaded, integer
+from ..palettize import untouched
 from ..recipe import Candidates
 from ..spec import PaletteSpec
 from .budget import estimate
@@ -74,12 +76,18 @@ def probe_sensitivity(
     for `Sensitivity.estimate`. `cache`: a directory; a rerun with the same arguments resumes where
     an interrupted run stopped. The model is not modified.
     """
+    check_loaded(model)
+    n_probes = integer(n_probes, "n_probes", minimum=1)
+    seed = integer(seed, "seed")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "exhaustive" and (importance or keep_sketch):
         raise ValueError("importance and keep_sketch come from gradients: use method='fast'")
-    if n_probes < 1:
-        raise ValueError(f"n_probes must be >= 1, got {n_probes}")
+    with untouched(model):
+        return _probe(model, inputs, candidates, method, n_probes, seed, cache, importance, keep_sketch, progress)
+
+
+def _probe(model, inputs, candidates, method, n_probes, seed, cache, importance, keep_sketch, progress) -> Sensitivity:
     t_start = time.perf_counter()
     shard = Shard.current()
     cands = as_candidates(candidates)

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._jsonio import read_json, write_atomic
+from .._jsonio import (LoadError, _short, check_header, dict_field, float_field, int_field, list_field, read_json,
+                       plain, str_field, write_atomic)
 from ..cluster import Palette
 from ..metrics import psnr_from_mse
 from ..spec import PaletteSpec
@@ -157,41 +158,57 @@ class Sensitivity:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write JSON with deterministic bytes (sorted keys, shortest round-trip floats)."""
-        write_atomic(Path(path), json.dumps(self.to_dict(), sort_keys=True, indent=1, allow_nan=False) + "\n")
+        write_atomic(Path(path), json.dumps(self.to_dict(), sort_keys=True, indent=1, allow_nan=False, default=plain) + "\n")
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "sensitivity") -> "Sensitivity":
+        """The sensitivity a parsed JSON document describes; every field's type and range is
+        checked, anything wrong is a `LoadError` (a ValueError) naming `where` and the field."""
+        check_header(d, FORMAT, VERSION, where, "sensitivity")
         try:
-            if not isinstance(d, dict) or d.get("format") != FORMAT:
-                raise ValueError(f"not a {FORMAT} document")
-            if d.get("version") != VERSION:
-                raise ValueError(f"unsupported version {d.get('version')!r} (expected {VERSION})")
-            specs = [PaletteSpec.from_dict(s) for s in d["specs"]]
-            peak = np.asarray(d["samples"]["peak"], dtype=np.float64)
-            size = np.asarray(d["samples"]["size"], dtype=np.int64)
-            if peak.ndim != 1 or peak.shape != size.shape or len(peak) == 0:
+            specs = [PaletteSpec.from_dict(s, f"specs[{i}]") for i, s in enumerate(list_field(d["specs"], "specs"))]
+            if not specs:
+                raise ValueError("specs: empty")
+            samples = dict_field(d["samples"], "samples")
+            peak = np.asarray([float_field(x, "samples.peak", 0.0) for x in list_field(samples["peak"], "samples.peak")],
+                              dtype=np.float64)
+            size = np.asarray([int_field(x, "samples.size", 1) for x in list_field(samples["size"], "samples.size")],
+                              dtype=np.int64)
+            if peak.shape != size.shape or len(peak) == 0:
                 raise ValueError("samples.peak and samples.size must be equal-length non-empty lists")
             layers, errors, nbytes = {}, {}, {}
-            for rec in d["layers"]:
-                name = str(rec["name"])
-                shape = tuple(int(s) for s in rec["shape"])
-                layers[name] = LayerInfo(shape, int(rec["numel"]))
-                err = np.array([[np.nan if x is None else x for x in row] for row in rec["errors"]], dtype=np.float64)
+            for k, rec in enumerate(list_field(d["layers"], "layers")):
+                rec = dict_field(rec, f"layers[{k}]")
+                name = str_field(rec["name"], f"layers[{k}].name")
+                if name in layers:
+                    raise ValueError(f"layer {name!r} appears twice")
+                shape = tuple(int_field(x, f"layer {name!r} shape", 1) for x in list_field(rec["shape"], f"layer {name!r} shape"))
+                numel = int_field(rec["numel"], f"layer {name!r} numel", 1)
+                if not shape or math.prod(shape) != numel:
+                    raise ValueError(f"layer {name!r}: numel {numel} does not match shape {list(shape)}")
+                layers[name] = LayerInfo(shape, numel)
+                rows = list_field(rec["errors"], f"layer {name!r} errors")
+                err = np.array([[np.nan if x is None else float_field(x, f"layer {name!r} errors", 0.0)
+                                 for x in list_field(row, f"layer {name!r} errors")] for row in rows], dtype=np.float64)
                 if err.shape != (len(specs), len(peak)):
                     raise ValueError(f"layer {name}: errors shape {err.shape} != ({len(specs)}, {len(peak)})")
-                if len(rec["nbytes"]) != len(specs):
-                    raise ValueError(f"layer {name}: {len(rec['nbytes'])} nbytes for {len(specs)} specs")
+                nb = list_field(rec["nbytes"], f"layer {name!r} nbytes")
+                if len(nb) != len(specs):
+                    raise ValueError(f"layer {name}: {len(nb)} nbytes for {len(specs)} specs")
                 errors[name] = err
-                nbytes[name] = [None if b is None else int(b) for b in rec["nbytes"]]
-            c = d["cost"]
-            cost = Cost(float(c["forward_equivalents"]), int(c["forwards"]), int(c["backwards"]))
+                nbytes[name] = [None if b is None else int_field(b, f"layer {name!r} nbytes", 1) for b in nb]
+            c = dict_field(d["cost"], "cost")
+            cost = Cost(float_field(c["forward_equivalents"], "cost.forward_equivalents", 0.0),
+                        int_field(c["forwards"], "cost.forwards"), int_field(c["backwards"], "cost.backwards"))
             method = d["method"]
             if method not in METHODS:
-                raise ValueError(f"unknown method {method!r}")
-            return cls(layers, specs, errors, nbytes, peak, size, method, str(d["inputs_description"]),
-                       int(d["seed"]), int(d["n_probes"]), cost)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{where}: invalid sensitivity data: {type(e).__name__}: {e}") from None
+                raise ValueError(f"unknown method {_short(method)}")
+            return cls(layers, specs, errors, nbytes, peak, size, method,
+                       str_field(d["inputs_description"], "inputs_description"),
+                       int_field(d["seed"], "seed", None), int_field(d["n_probes"], "n_probes"), cost)
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
+            detail = f"missing {e}" if isinstance(e, KeyError) else str(e)
+            raise LoadError(f"{where}: invalid sensitivity data: {detail}; probe again (palette analyze)") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Sensitivity":
