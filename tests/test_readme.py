@@ -57,6 +57,15 @@ def test_cli_commands_parse(cmd: str) -> None:
     assert callable(args.func)
 
 
+def test_torchrun_commands_parse() -> None:
+    """The README's torchrun lines run `-m palette` with arguments palette's parser takes."""
+    found = re.findall(r"^\s*torchrun (.*?) -m palette (.*)$", README, flags=re.M)
+    assert found, "README shows no torchrun command"
+    for launcher, cmd in found:
+        assert "--nproc_per_node" in launcher
+        assert callable(build_parser().parse_args(shlex.split(cmd)).func)
+
+
 def test_cheap_cli_commands_run(capsys) -> None:
     cheap = [c for c in commands() if c.startswith("palette ") and ("--list" in c or "--help" in c)]
     assert cheap
