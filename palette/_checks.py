@@ -52,7 +52,7 @@ def number(x: Any, field: str, *, layer: str | None = None, positive: bool = Fal
     try:
         f = float(x)
     except OverflowError:
-        raise ValueError(f"{_where(field, layer)} is out of range: {x!r}") from None
+        raise ValueError(f"{_where(field, layer)} is out of a float's range") from None
     if not math.isfinite(f):
         raise ValueError(f"{_where(field, layer)} must be finite, got {x!r}")
     if positive and f <= 0:

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ._checks import number
+
 MAX_INT = 1 << 63  # counts and sizes in palette's files fit in int64
 MAX_DEPTH = 64  # palette's own files nest a few levels
 
@@ -205,14 +207,9 @@ def int_field(x: Any, what: str, minimum: int | None = 0) -> int:
 def float_field(x: Any, what: str, minimum: float | None = None, none: bool = False) -> float | None:
     if x is None and none:
         return None
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    if not isinstance(x, (bool, int, float)):
         raise ValueError(f"{what}: expected a number, got {_short(x)}")
-    try:
-        f = float(x)
-    except OverflowError:
-        raise ValueError(f"{what}: out of range") from None
-    if not math.isfinite(f):
-        raise ValueError(f"{what}: must be finite, got {x!r}")
+    f = number(x, what)
     if minimum is not None and f < minimum:
         raise ValueError(f"{what}: must be >= {minimum}, got {x!r}")
     return f
