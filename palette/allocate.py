@@ -19,7 +19,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from .probe import ProbeSet, Sensitivity, make_probe_set, measure, probe_sensiti
 from .probe.run import DEFAULT_PROBES, as_candidates
 from .recipe import Candidates, Recipe
 from .spec import PaletteSpec
+
+if TYPE_CHECKING:
+    from .pipeline import PipelineRecipe
 
 GB = 1e9  # budgets count decimal gigabytes
 
@@ -272,7 +275,7 @@ def allocate_bits(
     calibrate: bool = True,
     cache: str | None = None,
     progress: bool = True,
-) -> Recipe:
+) -> "Recipe | PipelineRecipe":
     """The recipe with the least predicted output error whose stored size fits the budget:
     probe (unless `sensitivity` is given) -> `allocate` -> `calibrate_recipe`.
 
@@ -285,7 +288,21 @@ def allocate_bits(
     `calibrate=True` makes the recipe measured on the probe set its `predicted_psnr`; without the
     probe set (a `sensitivity` from inputs not given here) the additive estimate is kept and
     `info["calibration"]` says why. The model is not modified.
+
+    Given a pipeline (a diffusers pipeline, the default pipeline, or a mapping of named components)
+    instead of one model: one budget for all its components, allocated jointly on the generated
+    image, as a `PipelineRecipe` (`palette.pipeline.allocate_pipeline`; `inputs`: prompts).
     """
+    if not isinstance(model, nn.Module):
+        from .pipeline import allocate_pipeline
+
+        if importance or max_chunk_bytes is not None:
+            raise ValueError("importance and max_chunk_bytes apply to one model, not to a pipeline")
+        if inputs is not None and not (isinstance(inputs, (list, tuple)) and all(isinstance(p, str) for p in inputs)):
+            raise ValueError("a pipeline's inputs are prompts (a list of strings)")
+        return allocate_pipeline(model, budget_gb, budget_bits=budget_bits, prompts=inputs, sensitivity=sensitivity,
+                                 candidates=candidates, method=method, n_probes=n_probes, seed=seed,
+                                 calibrate=calibrate, cache=cache, progress=progress)
     cands = as_candidates(candidates)
     targets = cands.layers(model)
     if not targets:

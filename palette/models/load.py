@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..probe import ProbeSet, make_probe_set
+from ..probe.pipeline_inputs import VaeDecoder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODEL_HELP = (
@@ -62,24 +63,6 @@ class Loaded:
         if not hasattr(owner, "save_pretrained"):
             raise LoadError(f"{type(owner).__name__} has no save_pretrained; use `palette export` instead")
         owner.save_pretrained(path)
-
-
-class VaeDecoder(nn.Module):
-    """The part of a VAE that runs on device: latents -> image (post_quant_conv, then decoder),
-    named as in the VAE so that recipes match Apple's module names."""
-
-    def __init__(self, vae: nn.Module) -> None:
-        super().__init__()
-        self.post_quant_conv = getattr(vae, "post_quant_conv", None)
-        self.decoder = vae.decoder
-        self.latent_channels = vae.config.latent_channels
-        self.sample_size = vae.config.sample_size
-        self.scaling_factor = vae.config.scaling_factor
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
 
 
 def load_model(spec: str, subfolder: str | None = None, config: str | None = None) -> Loaded:
