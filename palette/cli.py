@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .models.load import MODEL_HELP, PALETTES_FILE, Loaded, load_model
+from .models.pipelines import is_pipeline
 from .palettize import palettize, target_layers
 from .probe.inputs import DEFAULT_SAMPLES
 from .probe.run import DEFAULT_PROBES
@@ -194,6 +195,10 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     """Choose every layer's spec under the budget; write the recipe and the PSNR-vs-size plot."""
     from .allocate import allocate_bits
 
+    if is_pipeline(args.model):  # one budget for every component, judged on the images
+        from .pipeline_cli import allocate
+
+        return allocate(args, _candidates(args))
     loaded = _model(args)
     probe = _probe_set(args, loaded, args.seed)
     sens = _sensitivity(args, loaded, probe)
@@ -256,6 +261,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     the palettes it carries beside them."""
     from .export import export_palettes
 
+    if is_pipeline(args.model):  # a pipeline recipe: every component
+        from .pipeline_cli import apply
+
+        return apply(args)
     loaded = _model(args)
     recipe = _recipe(args, loaded)
     result: dict[str, Any] = {"model": loaded.label, **_recipe_summary(recipe)}
@@ -277,6 +286,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a verified Core ML mlpackage, or the palettes as safetensors."""
+    if is_pipeline(args.model):  # one mlpackage per component
+        from .pipeline_cli import export
+
+        return export(args, _chunk_bytes(args))
     loaded = _model(args)
     recipe = _recipe(args, loaded)
     out = Path(args.output)

@@ -20,7 +20,7 @@ LAYER = {
     "spec": 0, "_exact1d": 0, "metrics": 0, "_jsonio": 0, "_version": 0,
     "cluster": 1, "metadata": 2, "recipe": 3, "palettize": 4, "chunking": 5, "ane": 5,
     "probe": 6, "allocate": 7, "pipeline": 7, "export": 8, "experiments": 8, "plot": 9, "models": 10,
-    "demo": 11, "cli": 11, "__main__": 11,
+    "demo": 11, "cli": 11, "pipeline_cli": 11, "__main__": 11,
 }
 
 

@@ -22,7 +22,8 @@ from ..probe.pipeline_inputs import VaeDecoder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODEL_HELP = (
-    "'default' (the embedded default UNet), 'minilm' (all-MiniLM-L6-v2), a local from_pretrained "
+    "'default' (the embedded default UNet), 'minilm' (all-MiniLM-L6-v2), 'default-pipeline' (both, "
+    "one budget: allocate, apply, export; or a diffusers pipeline folder), a local from_pretrained "
     "directory, a Hugging Face hub id (e.g. stabilityai/stable-diffusion-2-1-base with --subfolder "
     "unet), or a .safetensors file (with --config)"
 )

@@ -146,6 +146,18 @@ class PipelineOutput(nn.Module):
                 f"the image{' decoded by the VAE' if hasattr(self, DECODER) else ''}")
         return ProbeSet(tuple(units), desc, batch_size)
 
+    @torch.no_grad()
+    def example_inputs(self, prompt: str = "a red circle", seed: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Per component, the positional inputs it gets in this pipeline (batch of 1), for tracing."""
+        ids, mask = self.tokens([prompt])
+        cond = self.encode(ids, mask).to(self.unet.dtype)
+        noise = self.noise([seed]).to(self.unet.dtype)
+        t = torch.tensor([float(self.scheduler.config.num_train_timesteps // 2)])
+        out = {TEXT_ENCODER: (ids, mask) if self.attention_mask else (ids,), DENOISER: (noise, t, cond)}
+        if hasattr(self, DECODER):
+            out[DECODER] = (noise.to(self.vae_decoder_dtype),)
+        return out
+
     # -- the pipeline ----------------------------------------------------------------------------
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         kwargs = {"attention_mask": mask} if self.attention_mask else {}
