@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from palette import Candidates, PaletteSpec, Recipe, make_probe_set, probe_sensitivity  # noqa: E402
-from palette.allocate import allocate  # noqa: E402
+from palette.experiments import feasible_fractions, proportional_fraction, split_allocation  # noqa: E402
 from palette.palettize import palettized  # noqa: E402
 from palette.probe import Measurement  # noqa: E402
 from palette.probe.measure import outputs  # noqa: E402
@@ -66,7 +66,7 @@ class Settings:
     granularities: tuple[str, ...]
 
 
-FULL = Settings(4, 4, 4, 2, 16, 48, 9, ("per_tensor", "per_grouped_channel"))
+FULL = Settings(4, 2, 4, 2, 12, 36, 7, ("per_tensor", "per_grouped_channel"))
 FAST = Settings(2, 2, 2, 1, 4, 8, 3, ("per_tensor",))
 
 
@@ -110,8 +110,6 @@ def main() -> None:
     budgets = {"uniform 4-bit size": uniform4,
                "3.0 bits": sum(fixed.values()) + int(3.0 * total_numel / 8),
                "2.5 bits": sum(fixed.values()) + int(2.5 * total_numel / 8)}
-    smallest = {n: fixed[n] + sum(min(b for b in own[n].nbytes[k] if b is not None) for k in dense[n].layers)
-                for n in comps}
 
     # -- evaluation: image PSNR of the real pipeline, 20 steps, held-out captions ------------------
     ref = pipe(eval_prompts, steps=20, seed=SEED)
@@ -135,14 +133,6 @@ def main() -> None:
             with palettized(comps["unet"], fitted("unet", pr.components["unet"])):
                 return pipe(prompts, steps=20, seed=SEED)
 
-    def per_component(budget: int, frac: float) -> PipelineRecipe:
-        room = budget - sum(fixed.values())
-        te = fixed["text_encoder"] + int(frac * room)
-        te = min(max(te, smallest["text_encoder"]), budget - smallest["unet"])
-        parts = {"text_encoder": allocate(own["text_encoder"], dense["text_encoder"], te / 1e9),
-                 "unet": allocate(own["unet"], dense["unet"], (budget - te) / 1e9)}
-        return PipelineRecipe(parts)
-
     rows = []
     additive = []
     joints = {}
@@ -158,20 +148,19 @@ def main() -> None:
         uni = uniform[b]
         row["uniform"] = (uni.size_bytes, image_psnr(images(uni, eval_prompts), ref), b)
         bar.update()
-        prop = numel["text_encoder"] / total_numel
-        pr = per_component(budget, prop)
+        prop = proportional_fraction(dense)
+        pr = split_allocation(own, dense, budget, prop)
         row["proportional"] = (pr.size_bytes, image_psnr(images(pr, eval_prompts), ref), prop)
         bar.update()
-        lo = (smallest["text_encoder"] - fixed["text_encoder"]) / (budget - sum(fixed.values()))
-        hi = 1 - (smallest["unet"] - fixed["unet"]) / (budget - sum(fixed.values()))
         sweep = []
-        for f in np.linspace(lo + 0.02 * (hi - lo), hi - 0.02 * (hi - lo), cfg.fractions):
-            sr = per_component(budget, float(f))
+        for f in feasible_fractions(own, dense, budget, cfg.fractions):
+            sr = split_allocation(own, dense, budget, f)
             sweep.append((sr.size_bytes, image_psnr(images(sr, eval_prompts), ref), float(f)))
             bar.update()
         row["sweep"] = sweep
         row["best"] = max(sweep, key=lambda s: s[1])
         rows.append(row)
+        tqdm.write(f"{label}: {row}", file=sys.stderr)  # as it comes, in case the run is cut short
         # additive prediction: sum at 4 steps, measured at 4 steps (the probe runs: what calibrate_recipe
         # measures), measured at 20 steps (held-out captions, other seeds)
         held_set = model.with_steps(20).probe_set(eval_prompts[:8], seed=100, n_samples=min(8, len(eval_prompts)))
@@ -183,6 +172,7 @@ def main() -> None:
                     measured.append(Measurement.of(outputs(m, ps), refs, ps.description).psnr)
         additive.append((label, joint.predicted_psnr, *measured, joint.bits_per_weight,
                          {c: r.bits_per_weight for c, r in joint.components.items()}))
+        tqdm.write(f"{label}: additive {additive[-1]}", file=sys.stderr)
     bar.close()
     # caption following of the joint recipes' samples beside 16-bit
     cap_scenes = list(held[: cfg.caption_prompts])

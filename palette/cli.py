@@ -577,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="a smoke run: per-tensor candidates, smaller probe, fewer prompts and steps")
     p.add_argument("--no-export", action="store_true", help="skip the Core ML export (about half a minute)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of probe inputs and samples")
+    p.add_argument("--pipeline", action="store_true",
+                   help="the whole pipeline (MiniLM + UNet) in one budget: joint vs per-component allocation")
     return parser
 
 
