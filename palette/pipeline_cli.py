@@ -65,13 +65,13 @@ def allocate(args: argparse.Namespace, candidates: Any) -> int:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, str, PipelineRecipe, dict]:
-    pipe, label, _ = load_pipeline(args.model)
     if args.recipe is None:
         raise ValueError("a pipeline needs --recipe (a pipeline recipe from `palette allocate`)")
     path = Path(args.recipe)
     if not path.exists():
         raise ValueError(f"--recipe {args.recipe}: no such file")
     rec = PipelineRecipe.load(path)
+    pipe, label, _ = load_pipeline(args.model)
     return pipe, label, rec, pipeline_model(pipe).components
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from palette import Candidates, allocate_bits, probe_sensitivity
 from palette.metadata import carries
-from palette.pipeline import PipelineRecipe, allocate_pipeline, pipeline_model
+from palette.pipeline import PipelineRecipe, pipeline_model
 from palette.probe.pipeline_inputs import PipelineOutput
 from palette.recipe import Recipe, target_layers
 
@@ -205,3 +205,15 @@ def test_the_pipeline_module_is_the_default_pipelines_sampler() -> None:
     want = pipe.sample(["a small red circle in the top left on a white background"], steps=3, seed=5)
     assert torch.allclose(got, want, atol=1e-4)
     assert len(target_layers(model)) == len(target_layers(pipe.text_encoder)) + len(target_layers(pipe.unet))
+
+
+def test_cli_refuses_a_missing_or_single_model_recipe_for_a_pipeline(allocated, tmp_path, capsys) -> None:
+    from palette.cli import main
+
+    _, _, rec = allocated
+    single = tmp_path / "unet_recipe.json"
+    rec.components["unet"].save(single)
+    for recipe, says in ((tmp_path / "none.json", "no such file"), (single, "invalid pipeline recipe")):
+        code = main(["apply", "--model", "default-pipeline", "--recipe", str(recipe), "-o", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("palette: ") and says in err[0]
