@@ -19,7 +19,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from .probe import ProbeSet, Sensitivity, make_probe_set, measure, probe_sensiti
 from .probe.run import DEFAULT_PROBES, as_candidates
 from .recipe import Candidates, Recipe
 from .spec import PaletteSpec
+
+if TYPE_CHECKING:
+    from .pipeline import PipelineRecipe
 
 GB = 1e9  # budgets count decimal gigabytes
 # Predicted errors are compared, and PSNRs recorded, at these significant digits: the same choices and
@@ -302,7 +305,7 @@ def allocate_bits(
     calibrate: bool = True,
     cache: str | None = None,
     progress: bool = True,
-) -> Recipe:
+) -> "Recipe | PipelineRecipe":
     """The recipe with the least predicted output error whose stored size fits the budget:
     probe (unless `sensitivity` is given) -> `allocate` -> `calibrate_recipe`.
 
@@ -316,11 +319,25 @@ def allocate_bits(
     probe set (a `sensitivity` from inputs not given here) the additive estimate is kept and
     `info["calibration"]` says why. The model is not modified (`untouched`: run in eval mode, every
     training flag and buffer restored, also on an exception or Ctrl-C).
+
+    Given a pipeline (a diffusers pipeline, the default pipeline, or a mapping of named components)
+    instead of one model: one budget for all its components, allocated jointly on the generated
+    image, as a `PipelineRecipe` (`palette.pipeline.allocate_pipeline`; `inputs`: prompts).
     """
-    check_loaded(model)
     budget_gb, budget_bits = check_budget(budget_gb, budget_bits)
     n_probes = integer(n_probes, "n_probes", minimum=1)
     seed = integer(seed, "seed")
+    if not isinstance(model, nn.Module):
+        from .pipeline import allocate_pipeline
+
+        if importance or max_chunk_bytes is not None:
+            raise ValueError("importance and max_chunk_bytes apply to one model, not to a pipeline")
+        if inputs is not None and not (isinstance(inputs, (list, tuple)) and all(isinstance(p, str) for p in inputs)):
+            raise ValueError("a pipeline's inputs are prompts (a list of strings)")
+        return allocate_pipeline(model, budget_gb, budget_bits=budget_bits, prompts=inputs, sensitivity=sensitivity,
+                                 candidates=candidates, method=method, n_probes=n_probes, seed=seed,
+                                 calibrate=calibrate, cache=cache, progress=progress)
+    check_loaded(model)
     with untouched(model):
         return _allocate_bits(model, budget_gb, budget_bits, inputs, sensitivity, candidates, method, n_probes,
                               seed, importance, max_chunk_bytes, calibrate, cache, progress)

@@ -26,6 +26,7 @@ import torch
 from ._checks import check_loaded
 from ._jsonio import check_target, replace_dir
 from .models.load import MODEL_HELP, PALETTES_FILE, Loaded, load_model
+from .models.pipelines import is_pipeline
 from .palettize import palettize, target_layers
 from .probe.inputs import DEFAULT_SAMPLES
 from .probe.run import DEFAULT_PROBES
@@ -212,6 +213,10 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         _output(args.apple_json, "--apple-json")
     if args.plot != "none":
         _output(args.plot or out.with_suffix(".png"), "--plot")
+    if is_pipeline(args.model):  # one budget for every component, judged on the images
+        from .pipeline_cli import allocate
+
+        return allocate(args, _candidates(args))
     loaded = _model(args)
     probe = _probe_set(args, loaded, args.seed)
     sens = _sensitivity(args, loaded, probe)
@@ -276,6 +281,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     from .export import export_palettes
 
+    if is_pipeline(args.model):  # a pipeline recipe: every component
+        from .pipeline_cli import apply
+
+        return apply(args)
     out = _output(args.output, "-o", directory=True)
     if out.is_dir() and any(out.iterdir()) and not (out / PALETTES_FILE).is_file():
         raise UsageError(f"-o {out}: an existing folder that `palette apply` did not write (no {PALETTES_FILE}); "
@@ -309,6 +318,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a verified Core ML mlpackage, or the palettes as safetensors."""
+    if is_pipeline(args.model):  # one mlpackage per component
+        from .pipeline_cli import export
+
+        return export(args, _chunk_bytes(args))
     out = Path(args.output)
     if out.suffix not in (".safetensors", ".mlpackage"):
         raise UsageError(f"-o {out}: the output must end in .mlpackage (Core ML) or .safetensors (palettes)")
@@ -688,6 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="a smoke run: per-tensor candidates, smaller probe, fewer prompts and steps")
     p.add_argument("--no-export", action="store_true", help="skip the Core ML export (about half a minute)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of probe inputs and samples")
+    p.add_argument("--pipeline", action="store_true",
+                   help="the whole pipeline (MiniLM + UNet) in one budget: joint vs per-component allocation")
     return parser
 
 

@@ -62,6 +62,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from .models.load import load_model
     from .probe import measure, probe_sensitivity
 
+    if getattr(args, "pipeline", False):
+        return run_pipeline_demo(args)
     t_start = time.perf_counter()
     cfg = FAST if args.fast else FULL
     out = Path(args.out)
@@ -188,4 +190,78 @@ def write_demo_grid(path: Path, variants: list[Variant], images: list[np.ndarray
     write_grid(path, rows, prompts, f"palette default model: same prompts, seed {seed}, {steps} DPM-Solver++ steps")
 
 
-__all__ = ["run_demo"]
+def run_pipeline_demo(args: argparse.Namespace) -> int:
+    """The default pipeline (MiniLM + UNet) fitted into one budget: the joint recipe (every layer of
+    both components in one knapsack, judged on the image) against per-component allocation with the
+    room split in proportion to the components' weights, at 2-3 budgets; samples, image PSNR, and the
+    PSNR-vs-size plot. Writes the pipeline recipes, `pipeline_grid.png`, `pipeline_psnr_vs_size.png`."""
+    from .experiments import proportional_fraction, split_allocation
+    from .models.data import split_scenes
+    from .models.default import default_probe_inputs
+    from .models.pipelines import DEFAULT_PIPELINE, load_pipeline
+    from .pipeline import allocate_pipeline, pipeline_model
+    from .plot import plot_series
+    from .probe import make_probe_set, probe_sensitivity
+
+    t_start = time.perf_counter()
+    cfg = FAST if args.fast else FULL
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe, label, probe_prompts = load_pipeline(DEFAULT_PIPELINE)
+    comps = {"text_encoder": pipe.text_encoder, "unet": pipe.unet}
+    cands = Candidates(granularities=cfg.granularities)
+    quiet = args.quiet
+    joint_sens = probe_sensitivity(pipeline_model(pipe), pipeline_model(pipe).probe_set(
+        probe_prompts, seed=args.seed, n_samples=2 * cfg.samples), cands, n_probes=2, seed=args.seed,
+        progress=not quiet)
+    own = {"unet": probe_sensitivity(pipe.unet, make_probe_set(pipe.unet, default_probe_inputs(cfg.samples, args.seed)),
+                                     cands, n_probes=cfg.probes, seed=args.seed, progress=not quiet),
+           "text_encoder": probe_sensitivity(pipe.text_encoder, make_probe_set(pipe.text_encoder, seed=args.seed,
+                                                                               tokenizer=pipe.tokenizer),
+                                             cands, n_probes=cfg.probes, seed=args.seed, progress=not quiet)}
+    dense = {n: Recipe.dense(m, target_layers(m)) for n, m in comps.items()}
+    numel = sum(sum(int(np.prod(s)) for s in r.shapes.values()) for r in dense.values())
+    fixed = sum(r.fixed_bytes for r in dense.values())
+    uniform4 = sum(Recipe.from_specs(m, PaletteSpec(4), seed=args.seed).size_bytes for m in comps.values())
+    budgets = {f"{b:g} bits": fixed + int(b * numel / 8) for b in cfg.plot_bits if b < 4}
+    budgets["uniform 4-bit size"] = uniform4
+    prompts = [s.caption for s in split_scenes()[1][: cfg.prompts]]
+    ref = pipe(prompts, steps=cfg.steps, seed=args.seed)
+    variants = [Variant("16-bit", None, sum(r.size_16bit_bytes for r in dense.values()), 16.0)]
+    images = [ref]
+    series: dict[str, list[tuple[int, float]]] = {"joint (one knapsack, image error)": [],
+                                                  "per component, proportional split": []}
+    files = {}
+    for name, budget in tqdm(budgets.items(), desc="budgets", disable=quiet, leave=False):
+        joint = allocate_pipeline(pipe, budget / 1e9, prompts=probe_prompts, n_samples=2 * cfg.samples,
+                                  sensitivity=joint_sens, candidates=cands, seed=args.seed, progress=False)
+        per = split_allocation(own, dense, budget, proportional_fraction(dense))
+        path = out / f"pipeline_recipe_{name.split()[0]}.json"
+        joint.save(path)
+        files[f"pipeline recipe, {name}"] = str(path)
+        for kind, rec, key in (("joint", joint, "joint (one knapsack, image error)"),
+                               ("per component", per, "per component, proportional split")):
+            with rec.applied(pipe):
+                imgs = pipe(prompts, steps=cfg.steps, seed=args.seed)
+            v = Variant(f"{kind}, {name}", None, rec.size_bytes, rec.bits_per_weight,
+                        rec.predicted_psnr if kind == "joint" else None, image_psnr=image_psnr(imgs, ref))
+            variants.append(v)
+            images.append(imgs)
+            series[key].append((rec.size_bytes, v.image_psnr))
+    grid, plot = out / "pipeline_grid.png", out / "pipeline_psnr_vs_size.png"
+    write_grid(grid, variants, images, prompts, cfg.steps, args.seed)
+    plot_series(plot, series, f"{label}: one budget, joint vs per-component")
+    files.update(grid=str(grid), plot=str(plot))
+    summary = {"model": label, "variants": [{k: v for k, v in vars(x).items() if k != "recipe"} for x in variants],
+               "files": files, "seconds": round(time.perf_counter() - t_start, 1)}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(table(variants, label, len(target_layers(pipeline_model(pipe)))).replace(
+            "predicted: additive latent PSNR", "predicted: image PSNR on the probe runs (joint)"))
+        print("\nfiles:\n" + "\n".join(f"  {k:<34} {v}" for k, v in files.items()))
+        print(f"\ndone in {summary['seconds']:.0f} s")
+    return 0
+
+
+__all__ = ["run_demo", "run_pipeline_demo"]

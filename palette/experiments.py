@@ -8,15 +8,18 @@ palettized weights with their LUTs, everything else at 16 bits).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from .allocate import allocate_bits
+from .allocate import allocate, allocate_bits
 from .cluster import Palette
 from .palettize import palettized
+from .pipeline import PipelineRecipe
 from .probe import Measurement, ProbeSet, Sensitivity, measure
 from .probe.measure import outputs
 from .recipe import Recipe, fixed_bytes
@@ -79,3 +82,37 @@ def psnr_size_curve(
         mixed.append((recipe.size_bytes, measure(model, recipe, probe, refs=refs).psnr, recipe.predicted_psnr))
     full = Recipe.from_specs(model, {}).size_bytes
     return Curve(f"{type(model).__name__}: PSNR vs. size", full, uniform, int8, mixed)
+
+
+def split_allocation(
+    sensitivities: dict[str, Sensitivity], bases: dict[str, Recipe], budget_bytes: int, fraction: float,
+    first: str = "text_encoder",
+) -> PipelineRecipe:
+    """Per-component allocation, the way one would without a joint probe: every component allocated
+    on its own output (`sensitivities`, its dense recipe in `bases`), the room for palettized
+    weights (the budget less every component's other parameters) split two ways, `fraction` of it
+    to component `first`, held within what each component can reach."""
+    second = next(n for n in bases if n != first)
+    smallest = {n: b.fixed_bytes + sum(min(x for x in sensitivities[n].nbytes[k] if x is not None) for k in b.layers)
+                for n, b in bases.items()}
+    room = budget_bytes - sum(b.fixed_bytes for b in bases.values())
+    share = min(max(bases[first].fixed_bytes + int(fraction * room), smallest[first]), budget_bytes - smallest[second])
+    return PipelineRecipe({first: allocate(sensitivities[first], bases[first], share / 1e9),
+                           second: allocate(sensitivities[second], bases[second], (budget_bytes - share) / 1e9)})
+
+
+def proportional_fraction(bases: dict[str, Recipe], first: str = "text_encoder") -> float:
+    """The share of component `first` in the target weights: the same bits per weight everywhere."""
+    numel = {n: sum(math.prod(s) for s in b.shapes.values()) for n, b in bases.items()}
+    return numel[first] / sum(numel.values())
+
+
+def feasible_fractions(sensitivities: dict[str, Sensitivity], bases: dict[str, Recipe], budget_bytes: int, n: int,
+                       first: str = "text_encoder") -> list[float]:
+    """`n` fractions evenly inside the range each component can reach at this budget."""
+    second = next(k for k in bases if k != first)
+    low = {k: sum(min(x for x in sensitivities[k].nbytes[name] if x is not None) for name in b.layers)
+           for k, b in bases.items()}
+    room = budget_bytes - sum(b.fixed_bytes for b in bases.values())
+    lo, hi = low[first] / room, 1 - low[second] / room
+    return [float(f) for f in np.linspace(lo + 0.02 * (hi - lo), hi - 0.02 * (hi - lo), n)]

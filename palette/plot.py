@@ -122,3 +122,27 @@ def write_grid(path: str | os.PathLike, rows: Sequence[tuple[str, np.ndarray]], 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_series(path: str | os.PathLike, series: Mapping[str, Sequence[tuple[int, float]]], title: str,
+                ylabel: str = "image PSNR vs. 16-bit (dB)") -> Path:
+    """Write a PNG of measured PSNR against size (MB), one line per series {label: [(bytes, psnr)]}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for label, pts in series.items():
+        pts = sorted(pts)
+        ax.plot([s / MB for s, _ in pts], [p for _, p in pts], "o-", label=label)
+    ax.set_xlabel("whole pipeline as stored (MB)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -19,8 +19,8 @@ MAP = ROOT / "docs" / "architecture.md"
 LAYER = {
     "spec": 0, "_exact1d": 0, "metrics": 0, "_jsonio": 0, "_version": 0, "_checks": 0, "_interrupt": 0,
     "cluster": 1, "metadata": 2, "recipe": 3, "recipe_diff": 3, "palettize": 4, "chunking": 5, "ane": 5,
-    "probe": 6, "allocate": 7, "export": 8, "experiments": 8, "testing": 8, "plot": 9, "compare": 9, "models": 10,
-    "demo": 11, "cli": 11, "__main__": 11,
+    "probe": 6, "allocate": 7, "pipeline": 7, "export": 8, "experiments": 8, "testing": 8, "plot": 9, "compare": 9,
+    "models": 10, "demo": 11, "cli": 11, "pipeline_cli": 11, "__main__": 11,
 }
 
 

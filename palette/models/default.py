@@ -83,13 +83,14 @@ class DefaultPipeline:
     tokenizer: object
     scheduler: DPMSolverMultistepScheduler
     guidance_scale: float = GUIDANCE_SCALE
+    max_tokens: int = MAX_TOKENS  # every prompt is padded to this many tokens
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """MiniLM token hidden states ``(n, MAX_TOKENS, 384)`` float32, padded to MAX_TOKENS
         (padding positions are kept, computed with the attention mask, as in training)."""
         tok = self.tokenizer(
-            list(prompts), padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+            list(prompts), padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt"
         )
         return self.text_encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
 

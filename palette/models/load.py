@@ -19,10 +19,12 @@ from torch import nn
 
 from .._jsonio import LoadError as _FileLoadError, read_json
 from ..probe import ProbeSet, make_probe_set
+from ..probe.pipeline_inputs import VaeDecoder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODEL_HELP = (
-    "'default' (the embedded default UNet), 'minilm' (all-MiniLM-L6-v2), a local from_pretrained "
+    "'default' (the embedded default UNet), 'minilm' (all-MiniLM-L6-v2), 'default-pipeline' (both, "
+    "one budget: allocate, apply, export; or a diffusers pipeline folder), a local from_pretrained "
     "directory, a Hugging Face hub id (e.g. stabilityai/stable-diffusion-2-1-base with --subfolder "
     "unet), or a .safetensors file (with --config)"
 )
@@ -64,24 +66,6 @@ class Loaded:
         if not hasattr(owner, "save_pretrained"):
             raise LoadError(f"{type(owner).__name__} has no save_pretrained; use `palette export` instead")
         owner.save_pretrained(path)
-
-
-class VaeDecoder(nn.Module):
-    """The part of a VAE that runs on device: latents -> image (post_quant_conv, then decoder),
-    named as in the VAE so that recipes match Apple's module names."""
-
-    def __init__(self, vae: nn.Module) -> None:
-        super().__init__()
-        self.post_quant_conv = getattr(vae, "post_quant_conv", None)
-        self.decoder = vae.decoder
-        self.latent_channels = vae.config.latent_channels
-        self.sample_size = vae.config.sample_size
-        self.scaling_factor = vae.config.scaling_factor
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
 
 
 def load_model(spec: str, subfolder: str | None = None, config: str | None = None) -> Loaded:

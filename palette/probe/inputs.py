@@ -154,6 +154,10 @@ def make_probe_set(
     if isinstance(model, UNet2DConditionModel):
         return _unet_probe_set(model, seed, n_samples, batch_size, text_encoder, tokenizer, scheduler, sample_size)
     from .dit_inputs import dit_probe_set, is_dit  # it builds on this module's pieces
+    from .pipeline_inputs import PipelineOutput  # so does the whole pipeline as one module
+
+    if isinstance(model, PipelineOutput):  # prompts and seeded noise -> the image
+        return model.probe_set(seed=seed, n_samples=n_samples, batch_size=batch_size or 4)
 
     if is_dit(model):  # diffusion transformers: text_encoder and tokenizer may be the pipeline's, in order
         return dit_probe_set(model, seed=seed, n_samples=n_samples, batch_size=batch_size,

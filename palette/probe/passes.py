@@ -67,6 +67,8 @@ class Recorder:
         self.importance = ({n: torch.zeros(m.weight.numel(), device=m.weight.device) for n, m in modules.items()}
                            if importance else None)
         self.leaves: list[torch.Tensor] = []
+        self.calls: dict[str, int] = {}  # calls of each layer in this unit's forward
+        self.pending: dict[str, list] = {}  # a repeated layer's gradient summed until all its calls are in
         self.unit = 0
         self.probe = 0
         self.batch = 0
@@ -80,6 +82,7 @@ class Recorder:
                 output.requires_grad_(True)
                 self.leaves.append(output)
             version = x._version
+            self.calls[name] = self.calls.get(name, 0) + 1
             output.register_hook(lambda g: self._on_grad(name, module, x, version, g))
 
         return forward_hook
@@ -93,6 +96,24 @@ class Recorder:
                 "errors need the first dimension to be the sample axis in every target layer"
             )
         gs = per_sample_grad(module, x, g)
+        if self.calls.get(name, 1) > 1:  # a layer called more than once (the denoiser at every sampler step):
+            if name in self.pending:     # its gradient is the sum over the calls; folded once, when all are in
+                self.pending[name][0] += gs
+                self.pending[name][1] += 1
+            else:
+                self.pending[name] = [gs, 1, module]
+            if self.pending[name][1] < self.calls[name]:
+                return
+            gs = self.pending.pop(name)[0]
+        self._fold(name, module, gs)
+
+    def flush(self) -> None:
+        """Fold what repeated layers gathered in a pass where some of their calls got no gradient."""
+        for name, (gs, _, module) in list(self.pending.items()):
+            self._fold(name, module, gs)
+        self.pending.clear()
+
+    def _fold(self, name: str, module: nn.Module, gs: torch.Tensor) -> None:
         if self.importance is not None:
             self.importance[name] += (gs * gs).sum(0)
         fold = self.folds[name]
@@ -139,7 +160,7 @@ def run_passes(model, targets, units, folds, n_probes, seed, want_importance, pr
         bar = tqdm(total=len(units) * n_probes, desc="probe passes", disable=not progress, leave=False)
         try:
             for u, (index, unit) in enumerate(units):
-                rec.unit, rec.leaves = u, []
+                rec.unit, rec.leaves, rec.calls = u, [], {}
                 gen = unit_generator(seed, index)
                 with torch.enable_grad():
                     out = unit(model)
@@ -156,6 +177,7 @@ def run_passes(model, targets, units, folds, n_probes, seed, want_importance, pr
                             with deferred():  # Ctrl-C never lands inside autograd's engine
                                 torch.autograd.grad((out * v).sum(), rec.leaves, retain_graph=k < n_probes - 1,
                                                     allow_unused=True)
+                        rec.flush()
                         bar.update()
                         checkpoint()
                 del out

@@ -1,0 +1,219 @@
+"""One budget for the whole pipeline: joint allocation (every layer of the text encoder and the
+denoiser in one knapsack, judged on the generated image) against per-component allocation.
+
+    python benchmarks/bench_pipeline.py            # the default pipeline (MiniLM + UNet)
+    python benchmarks/bench_pipeline.py --fast     # a smoke run (tiny probe, few prompts)
+
+At three total budgets (uniform 4-bit per-tensor k-means of both components, 3.0 and 2.5 bits per
+target weight over both, LUTs included; every other parameter at 16 bits) it measures:
+- joint: `allocate_pipeline` (probe of the whole pipeline: 4 DPM-Solver++ steps, guidance 3, on
+  training-split captions with seeds 0..; one knapsack; calibrated);
+- uniform: per-tensor k-means at the bits that fit (4, 3, 2: the largest within the budget);
+- proportional: palette's per-component allocation (the UNet probed on its latents, MiniLM on its
+  hidden states, as `palette allocate` does) with the room for palettized weights split in
+  proportion to the components' weight counts (the same bits per weight in each);
+- swept: the same per-component allocations at 9 fractions of the room given to the text encoder
+  (evenly over the feasible range); the best one, chosen on the held-out images themselves (an
+  oracle no user has).
+Image PSNR (uint8, peak 255, per image, averaged) against the 16-bit pipeline on held-out captions,
+same seeds, 20 steps; caption following (the checker) of the joint recipe's samples beside 16-bit.
+It also prints how well the additive prediction holds (Apple's PSNR on the float images: additive
+sum at 4 steps, measured at 4 steps on the probe runs, measured at 20 steps on held-out captions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from palette import Candidates, PaletteSpec, Recipe, make_probe_set, probe_sensitivity  # noqa: E402
+from palette.experiments import feasible_fractions, proportional_fraction, split_allocation  # noqa: E402
+from palette.palettize import palettized  # noqa: E402
+from palette.probe import Measurement  # noqa: E402
+from palette.probe.measure import outputs  # noqa: E402
+from palette.demo import image_psnr  # noqa: E402
+from palette.models.checker import score  # noqa: E402
+from palette.models.data import split_scenes  # noqa: E402
+from palette.models.default import default_probe_inputs, load_default  # noqa: E402
+from palette.pipeline import PipelineRecipe, allocate_pipeline, pipeline_model  # noqa: E402
+from palette.cluster import fit_palettes_batch  # noqa: E402
+from palette.probe.run import applicable  # noqa: E402
+from palette.recipe import batches, target_layers  # noqa: E402
+
+MB = 1e6
+SEED = 0
+NBITS = (1, 2, 3, 4, 6, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    samples: int  # probe prompts of the joint probe
+    probes: int
+    steps: int  # sampler steps of the joint probe
+    unet_samples: int  # default_probe_inputs scenes (x 6 timesteps)
+    prompts: int  # held-out captions for image PSNR
+    caption_prompts: int  # held-out captions for caption following
+    fractions: int
+    granularities: tuple[str, ...]
+
+
+FULL = Settings(4, 2, 4, 2, 12, 36, 7, ("per_tensor", "per_grouped_channel"))
+FAST = Settings(2, 2, 2, 1, 4, 8, 3, ("per_tensor",))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fast", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = FAST if args.fast else FULL
+    t0 = time.perf_counter()
+    pipe = load_default()
+    comps = {"text_encoder": pipe.text_encoder, "unet": pipe.unet}
+    cands = Candidates(NBITS, cfg.granularities, group_size=16)
+    train, held = split_scenes()
+    probe_prompts = [s.caption for s in train[:: max(1, len(train) // cfg.samples)][: cfg.samples]]
+    eval_prompts = [s.caption for s in held[: cfg.prompts]]
+
+    # -- probes ------------------------------------------------------------------------------------
+    model = pipeline_model(pipe, steps=cfg.steps)
+    probe = model.probe_set(probe_prompts, seed=SEED, n_samples=cfg.samples)
+    t = time.perf_counter()
+    joint_sens = probe_sensitivity(model, probe, cands, n_probes=cfg.probes, seed=SEED)
+    joint_probe_s = time.perf_counter() - t
+    t = time.perf_counter()
+    own = {
+        "unet": probe_sensitivity(pipe.unet, make_probe_set(pipe.unet, default_probe_inputs(cfg.unet_samples, SEED)),
+                                  cands, n_probes=2, seed=SEED, progress=False),
+        "text_encoder": probe_sensitivity(pipe.text_encoder, make_probe_set(pipe.text_encoder, seed=SEED,
+                                                                            tokenizer=pipe.tokenizer),
+                                          cands, n_probes=4, seed=SEED, progress=False),
+    }
+    own_probe_s = time.perf_counter() - t
+
+    dense = {n: Recipe.dense(m, target_layers(m)) for n, m in comps.items()}
+    fixed = {n: r.fixed_bytes for n, r in dense.items()}
+    numel = {n: sum(int(np.prod(s)) for s in r.shapes.values()) for n, r in dense.items()}
+    total_numel = sum(numel.values())
+    uniform = {k: PipelineRecipe({n: Recipe.from_specs(m, PaletteSpec(k)) for n, m in comps.items()}) for k in NBITS}
+    uniform4 = uniform[4].size_bytes
+    budgets = {"uniform 4-bit size": uniform4,
+               "3.0 bits": sum(fixed.values()) + int(3.0 * total_numel / 8),
+               "2.5 bits": sum(fixed.values()) + int(2.5 * total_numel / 8)}
+
+    # -- evaluation: image PSNR of the real pipeline, 20 steps, held-out captions ------------------
+    ref = pipe(eval_prompts, steps=20, seed=SEED)
+    # every candidate palette of every layer, fitted once (all bit-widths of a layer from one pass)
+    palettes: dict[tuple, object] = {}
+    t = time.perf_counter()
+    for name, m in comps.items():
+        mods = dict(m.named_modules())
+        for chunk in batches(list(dense[name].layers), [mods[n].weight.numel() for n in dense[name].layers]):
+            items = [(mods[n].weight, [s for s in cands.spec_list() if applicable(s, tuple(mods[n].weight.shape), n)],
+                      None) for n in chunk]
+            for n, (_, specs, _), pals in zip(chunk, items, fit_palettes_batch(items, seed=SEED, names=chunk)):
+                palettes.update({(name, n, s): p for s, p in zip(specs, pals)})
+    fit_s = time.perf_counter() - t
+
+    def fitted(name: str, recipe: Recipe) -> dict:
+        return {n: palettes[(name, n, s)] for n, s in recipe.palettized.items()}
+
+    def images(pr: PipelineRecipe, prompts: list[str]) -> np.ndarray:
+        with palettized(comps["text_encoder"], fitted("text_encoder", pr.components["text_encoder"])):
+            with palettized(comps["unet"], fitted("unet", pr.components["unet"])):
+                return pipe(prompts, steps=20, seed=SEED)
+
+    rows = []
+    additive = []
+    joints = {}
+    bar = tqdm(total=len(budgets) * (3 + cfg.fractions), desc="evaluate", leave=False)
+    for label, budget in budgets.items():
+        joint = allocate_pipeline(pipe, budget / 1e9, prompts=probe_prompts, n_samples=cfg.samples,
+                                  steps=cfg.steps, sensitivity=joint_sens, candidates=cands, seed=SEED,
+                                  calibrate=False, progress=False)
+        joints[label] = joint
+        row = {"budget": label, "bytes": budget, "joint": (joint.size_bytes, image_psnr(images(joint, eval_prompts), ref))}
+        bar.update()
+        b = max(k for k in NBITS if uniform[k].size_bytes <= budget * 1.001)  # LUTs: uniform 3-bit is 0.01% over 3.0 b
+        uni = uniform[b]
+        row["uniform"] = (uni.size_bytes, image_psnr(images(uni, eval_prompts), ref), b)
+        bar.update()
+        prop = proportional_fraction(dense)
+        pr = split_allocation(own, dense, budget, prop)
+        row["proportional"] = (pr.size_bytes, image_psnr(images(pr, eval_prompts), ref), prop)
+        bar.update()
+        sweep = []
+        for f in feasible_fractions(own, dense, budget, cfg.fractions):
+            sr = split_allocation(own, dense, budget, f)
+            sweep.append((sr.size_bytes, image_psnr(images(sr, eval_prompts), ref), float(f)))
+            bar.update()
+        row["sweep"] = sweep
+        row["best"] = max(sweep, key=lambda s: s[1])
+        rows.append(row)
+        tqdm.write(f"{label}: {row}", file=sys.stderr)  # as it comes, in case the run is cut short
+        # additive prediction: sum at 4 steps, measured at 4 steps (the probe runs: what calibrate_recipe
+        # measures), measured at 20 steps (held-out captions, other seeds)
+        held_set = model.with_steps(20).probe_set(eval_prompts[:8], seed=100, n_samples=min(8, len(eval_prompts)))
+        measured = []
+        for ps, m in ((probe, model), (held_set, model.with_steps(20))):
+            refs = outputs(m, ps)
+            with palettized(comps["text_encoder"], fitted("text_encoder", joint.components["text_encoder"])):
+                with palettized(comps["unet"], fitted("unet", joint.components["unet"])):
+                    measured.append(Measurement.of(outputs(m, ps), refs, ps.description).psnr)
+        additive.append((label, joint.predicted_psnr, *measured, joint.bits_per_weight,
+                         {c: r.bits_per_weight for c, r in joint.components.items()}))
+        tqdm.write(f"{label}: additive {additive[-1]}", file=sys.stderr)
+    bar.close()
+    # caption following of the joint recipes' samples beside 16-bit
+    cap_scenes = list(held[: cfg.caption_prompts])
+    caps = {"16-bit": score(pipe([s.caption for s in cap_scenes], steps=20, seed=SEED), cap_scenes)}
+    for label, joint in joints.items():
+        caps[f"joint, {label}"] = score(images(joint, [s.caption for s in cap_scenes]), cap_scenes)
+
+    print(f"default pipeline: MiniLM text encoder ({sum(p.numel() for p in pipe.text_encoder.parameters()):,} "
+          f"parameters, {numel['text_encoder']:,} in target layers) + UNet "
+          f"({sum(p.numel() for p in pipe.unet.parameters()):,}, {numel['unet']:,}); 16-bit "
+          f"{sum(r.size_16bit_bytes for r in dense.values()) / MB:.3f} MB, of which {sum(fixed.values()) / MB:.3f} MB "
+          f"not in target layers (embeddings, norms, biases) stays 16-bit")
+    print(f"joint probe: {cfg.samples} prompts x {cfg.steps} steps x {cfg.probes} passes, {joint_probe_s:.0f} s; "
+          f"per-component probes {own_probe_s:.0f} s; every candidate palette fitted once, {fit_s:.0f} s")
+    print(f"image PSNR (dB, uint8) vs the 16-bit pipeline: {len(eval_prompts)} held-out captions, 20 steps, seed {SEED}")
+    print(f"{'budget':<20} {'MB':>7} | {'joint':>13} | {'uniform':>20} | {'proportional':>20} | {'best swept split':>22} "
+          f"| {'joint-prop':>10} {'joint-best':>10}")
+    for r in rows:
+        js, jp = r["joint"]
+        us, up, ub = r["uniform"]
+        ps, pp, pf = r["proportional"]
+        bs, bp, bf = r["best"]
+        print(f"{r['budget']:<20} {r['bytes'] / MB:>7.3f} | {jp:>6.2f} {js / r['bytes']:>6.4f} | "
+              f"{up:>6.2f} {ub}b {us / r['bytes']:>6.4f} | {pp:>6.2f} f={pf:.2f} {ps / r['bytes']:>6.4f} | "
+              f"{bp:>6.2f} f={bf:.2f} {bs / r['bytes']:>6.4f} | {jp - pp:>+10.2f} {jp - bp:>+10.2f}")
+    print("(each cell: PSNR, then size / budget; f: the fraction of the room for palettized weights given to the "
+          "text encoder)")
+    for r in rows:
+        print(f"  sweep {r['budget']}: " + ", ".join(f"f={f:.2f} {p:.2f}" for _, p, f in r["sweep"]))
+    print("\nadditive prediction (Apple's PSNR of the float images, dB): predicted additive sum (4 steps) | "
+          "measured on the probe runs (4 steps) | measured on 8 held-out captions (20 steps); joint bits per weight")
+    for label, add, cal, m20, bits, per in additive:
+        print(f"  {label:<20} {add:>7.2f} | {cal:>7.2f} | {m20:>7.2f}   {bits:.2f} b "
+              f"(text encoder {per['text_encoder']:.2f}, UNet {per['unet']:.2f})")
+    print(f"\ncaption following on {len(cap_scenes)} held-out captions, 20 steps (the checker):")
+    keys = list(caps["16-bit"])
+    print(f"  {'':<28}" + "".join(f"{k:>13}" for k in keys))
+    for name, res in caps.items():
+        print(f"  {name:<28}" + "".join(f"{100 * res[k]:>12.1f}%" for k in keys))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
