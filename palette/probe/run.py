@@ -28,7 +28,7 @@ from .sensitivity import METHODS, Cost, LayerInfo, Sensitivity
 from .shard import Shard
 
 
-DEFAULT_PROBES = 2  # backward passes (random projections) per probe sample: at equal passes more samples rank better
+DEFAULT_PROBES = 16  # backward passes (random projections) per probe sample
 
 
 def applicable(spec: PaletteSpec, shape: tuple[int, ...], name: str) -> bool:
