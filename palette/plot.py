@@ -15,17 +15,34 @@ from .experiments import Curve
 MB = 1e6
 
 
+def _pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Lay out, write and close `fig`; the PNG's path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_psnr_vs_size(
     path: str | os.PathLike, curve: Curve, extra: Mapping[str, Sequence[tuple[int, float]]] | None = None
 ) -> Path:
     """Write a PNG of measured PSNR (dB) against whole-model size (MB): uniform k-means, linear
     8-bit, palette's mixed bits (measured, and predicted dashed), and any `extra` measured series
     {label: [(size_bytes, psnr)]}, e.g. another method's recipes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     ax.plot([s / MB for s, _, _ in curve.uniform], [p for _, p, _ in curve.uniform], "o-", color="tab:gray",
             label="uniform k-means, per tensor")
@@ -48,11 +65,7 @@ def plot_psnr_vs_size(
     ax.set_title(curve.title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_recipes(
@@ -64,11 +77,7 @@ def plot_recipes(
     """Write a PNG of measured PSNR (dB) against whole-model size (MB), one labelled point per
     recipe: `points` are (label, size_bytes, mean PSNR, lowest and highest per-sample PSNR), the
     per-sample range drawn as a bar; the 16-bit size (`full_bytes`) as a dotted line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for i, (label, size, mean, low, high) in enumerate(points):
         color = f"C{i % 10}"
@@ -83,11 +92,7 @@ def plot_recipes(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def row_label(name: str, size_bytes: int, bits_per_weight: float, psnr: float | None = None) -> str:
@@ -100,11 +105,7 @@ def write_grid(path: str | os.PathLike, rows: Sequence[tuple[str, np.ndarray]], 
                title: str) -> Path:
     """Write a PNG of samples: one row per (label, uint8 images NHWC) in `rows`, one column per
     prompt (captions on top)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     n_rows, cols = len(rows), len(prompts)
     fig, axes = plt.subplots(n_rows, cols, figsize=(1.9 * cols + 1.6, 2.0 * n_rows + 0.9), squeeze=False)
     for r, (label, imgs) in enumerate(rows):
@@ -117,21 +118,13 @@ def write_grid(path: str | os.PathLike, rows: Sequence[tuple[str, np.ndarray]], 
                 ax.set_title(prompts[c].replace(" in the ", "\nin the ").replace(" on a ", "\non a "), fontsize=7)
         axes[r][0].set_ylabel(label, fontsize=7.5, rotation=0, ha="right", va="center")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def plot_series(path: str | os.PathLike, series: Mapping[str, Sequence[tuple[int, float]]], title: str,
                 ylabel: str = "image PSNR vs. 16-bit (dB)") -> Path:
     """Write a PNG of measured PSNR against size (MB), one line per series {label: [(bytes, psnr)]}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for label, pts in series.items():
         pts = sorted(pts)
@@ -141,8 +134,4 @@ def plot_series(path: str | os.PathLike, series: Mapping[str, Sequence[tuple[int
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
