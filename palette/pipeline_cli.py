@@ -5,27 +5,16 @@ palettized weights or a verified Core ML mlpackage (chunked with --max-chunk-mb)
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
+from .cli import _emit, _note
 from .models.pipelines import load_pipeline
 from .pipeline import PipelineRecipe, allocate_pipeline, pipeline_model
 from .probe.pipeline_inputs import PROBE_STEPS
 
 MB = 1e6
-
-
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not args.quiet:
-        print(text, file=sys.stderr, flush=True)
-
-
-def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> int:
-    print(json.dumps(result, indent=1, sort_keys=True) if args.json else text)
-    return 0
 
 
 def _summary(rec: PipelineRecipe) -> dict[str, Any]:
@@ -50,7 +39,7 @@ def allocate(args: argparse.Namespace, candidates: Any) -> int:
     if args.sensitivity:
         raise ValueError("--sensitivity applies to one model; a pipeline is probed here, on its images")
     samples = args.samples
-    _say(args, f"probing {label} on its images ({samples} prompts, {PROBE_STEPS} sampler steps)...")
+    _note(args, f"probing {label} on its images ({samples} prompts, {PROBE_STEPS} sampler steps)...")
     rec = allocate_pipeline(pipe, args.budget_gb, budget_bits=args.budget_bits, prompts=prompts or None,
                             n_samples=samples, candidates=candidates, method=args.method, n_probes=args.probes,
                             seed=args.seed, cache=args.cache, progress=not args.quiet)
@@ -110,7 +99,7 @@ def export(args: argparse.Namespace, max_chunk_bytes: int | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     reports = {}
     for name, recipe in rec.components.items():
-        _say(args, f"{name}: tracing and converting to Core ML...")
+        _note(args, f"{name}: tracing and converting to Core ML...")
         path = out / f"{name}.mlpackage"
         report = export_coreml(comps[name], path, example[name], recipe=recipe, max_chunk_bytes=max_chunk_bytes)
         chunks = getattr(report, "chunks", None)
