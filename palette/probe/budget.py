@@ -89,7 +89,7 @@ def available_bytes(device: torch.device) -> int:
 def activation_bytes(model: nn.Module, probe: ProbeSet, targets: Mapping[str, nn.Module]) -> tuple[int, float]:
     """(bytes saved for backward, seconds) of the first unit's forward as the probe runs it: the
     parameters frozen, every target layer's output a graph leaf."""
-    from .passes import guard
+    from ..palettize import untouched
 
     sizes: dict[tuple, int] = {}
 
@@ -102,7 +102,7 @@ def activation_bytes(model: nn.Module, probe: ProbeSet, targets: Mapping[str, nn
         if isinstance(output, torch.Tensor) and not output.requires_grad:
             output.requires_grad_(True)
 
-    with guard(model, freeze=True) as hooks:
+    with untouched(model, freeze=True) as hooks:
         hooks.extend(m.register_forward_hook(leaf) for m in targets.values())
         t0 = time.perf_counter()
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

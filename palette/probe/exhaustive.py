@@ -14,12 +14,11 @@ from tqdm.auto import tqdm
 
 from .. import metadata
 from ..cluster import fit_palettes
-from ..palettize import keep_original
+from ..palettize import keep_original, untouched
 from ..spec import PaletteSpec
 from .cache import Cache
 from .inputs import ProbeSet
 from .measure import outputs, per_sample_mse
-from .passes import guard
 from .shard import Shard
 
 
@@ -38,7 +37,7 @@ def probe_exhaustive(
     `shard` measures its share of the layers."""
     errors: dict[str, np.ndarray] = {}
     cluster_s = 0.0
-    with guard(model, freeze=False):
+    with untouched(model):
         refs = outputs(model, probe)
         peak = torch.cat([r.reshape(r.shape[0], -1).abs().amax(1).double() for r in refs]).cpu().numpy()
         size = np.concatenate([np.full(r.shape[0], r[0].numel(), dtype=np.int64) for r in refs])

@@ -19,12 +19,6 @@ from ..palettize import untouched
 from ..recipe import tied_layers
 
 
-def guard(model: nn.Module, freeze: bool):
-    """The probe's guard: `palettize.untouched` (eval mode, with `freeze` requires_grad off; every
-    flag, buffer and `.grad` restored and the hooks put in the yielded list removed on exit)."""
-    return untouched(model, freeze=freeze)
-
-
 def per_sample_grad(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """(batch, numel) float32 gradient of each sample's share of v^T f w.r.t. module.weight."""
     w = module.weight
@@ -147,7 +141,7 @@ def run_passes(model, targets, units, folds, n_probes, seed, want_importance, pr
     `units`: (index, unit) pairs, the index seeding the unit's projections (`unit_generator`).
     Returns {layer: (stacked blocks, sample of each row)} with samples counted over these units,
     per-sample peaks and sizes, and the importance (mean squared gradient) if asked."""
-    with guard(model, freeze=True) as hooks:
+    with untouched(model, freeze=True) as hooks:
         rec = Recorder(targets, folds, want_importance)
         for name, m in targets.items():
             hooks.append(m.register_forward_hook(rec.hook(name), with_kwargs=True))
