@@ -367,3 +367,59 @@ def test_string_padding_convolutions_probe(padding: str) -> None:
     model = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(32, 16, 3, padding=padding)).eval()
     sens = probe_sensitivity(model, (x,), **FAST)
     assert len(sens.layers) == 2 and all(np.isfinite(e).all() for e in sens.errors.values())
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_compiled_and_torch_folds_agree(monkeypatch, rows: int) -> None:
+    """The CPU's compiled fold (large layers) and the torch ops (other devices, small layers)
+    give the same <g, dW> for every candidate, also for a grouping the finest does not divide."""
+    from palette.cluster import fit_luts_batch
+    from palette.probe import sketch as probe_sketch
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 48, 3, 3) * 0.05
+    specs = [PaletteSpec(nbits=b) for b in (1, 3, 8)] + [
+        PaletteSpec(nbits=b, granularity="per_grouped_channel", group_size=g) for b in (2, 4) for g in (16, 24)]
+    streamed = probe_sketch.Streamed(w, specs, dict(enumerate(fit_luts_batch([(w, specs)])[0])), {})
+    gs = torch.randn(rows, w.numel())
+    out = {}
+    for label, limit in (("compiled", 0), ("torch", 1 << 62)):
+        monkeypatch.setattr(probe_sketch, "COMPILED_NUMEL", limit)
+        out[label] = streamed(w, gs)[0]
+    assert torch.allclose(out["compiled"], out["torch"], rtol=1e-12, atol=0)
+    exact = torch.stack([gs.double() @ (fit_palette(w, s).dequantize().reshape(-1).double() - w.reshape(-1).double())
+                         for s in specs], 1)
+    assert torch.allclose(out["compiled"], exact, rtol=1e-9, atol=1e-12)
+
+
+def test_memory_estimate_frees_what_it_measured() -> None:
+    """The estimate's forward pass is released when it returns (no reference cycle through the
+    saved tensors keeps the graph alive), and it counts the layers' inputs the passes keep."""
+    import gc
+    import weakref
+
+    from palette.probe.budget import activation_bytes
+    from palette.recipe import target_layers
+
+    unet = tiny_unet()
+    probe = synth(unet, n=1)
+    targets = target_layers(unet)
+    seen: list[weakref.ref] = []
+    hooks = [m.register_forward_hook(lambda m, a, o: seen.append(weakref.ref(o))) for m in unet.modules()
+             if isinstance(m, (nn.SiLU, nn.GroupNorm, nn.Linear))]
+    try:
+        nbytes, seconds = activation_bytes(unet, probe, targets)
+    finally:
+        for h in hooks:
+            h.remove()
+    gc.collect()
+    assert seen and not [r for r in seen if r() is not None]
+    assert nbytes > 0 and seconds > 0
+
+
+def test_memory_estimate_stops_before_the_work_and_names_options(monkeypatch) -> None:
+    from palette.probe import budget
+
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 1)
+    with pytest.raises(ValueError, match="per_tensor.*lower probe.*fewer samples.*cuda"):
+        probe_sensitivity(tiny_unet(), synth(tiny_unet()), **FAST)

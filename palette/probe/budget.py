@@ -1,8 +1,8 @@
 """Before the heavy work: an estimate of the fast probe's peak memory and time, from the model, the
 candidates and one measured forward pass, checked against what the machine (or the device) has.
 
-Peak = the model (already resident) + one unit's activations saved for the backward passes
-(measured) + every layer's compact candidates (exact) + the largest layer's transients (its
+Peak = the model (already resident) + what one unit's forward holds for the backward passes
+(measured: saved activations and target layers' inputs) + every layer's compact candidates (exact) + the largest layer's transients (its
 per-sample gradients and their folds). Time = one unit's forward (measured) x units x (1 + K x
 the backward factor) + clustering (from the weight count).
 """
@@ -87,28 +87,42 @@ def available_bytes(device: torch.device) -> int:
 
 
 def activation_bytes(model: nn.Module, probe: ProbeSet, targets: Mapping[str, nn.Module]) -> tuple[int, float]:
-    """(bytes saved for backward, seconds) of the first unit's forward as the probe runs it: the
-    parameters frozen, every target layer's output a graph leaf."""
+    """(bytes held for the backward passes, seconds) of the first unit's forward as the probe runs
+    it: the parameters frozen, every target layer's output a graph leaf; what autograd saves and
+    the target layers' inputs (the per-sample weight gradients need them), each storage once."""
     from ..palettize import untouched
 
     sizes: dict[tuple, int] = {}
+    kept: list[torch.Tensor] = []  # saved tensors live here, not in the graph: no reference cycle
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def count(t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         sizes[(storage.data_ptr(), t.device)] = storage.nbytes()
-        return t
 
-    def leaf(module, args, output):
+    def pack(t: torch.Tensor) -> int:
+        count(t)
+        kept.append(t)
+        return len(kept) - 1
+
+    def unpack(i: int) -> torch.Tensor:
+        return kept[i]
+
+    def leaf(module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, torch.Tensor):
+            count(x)
+            kept.append(x)
         if isinstance(output, torch.Tensor) and not output.requires_grad:
             output.requires_grad_(True)
 
     with untouched(model, freeze=True) as hooks:
-        hooks.extend(m.register_forward_hook(leaf) for m in targets.values())
+        hooks.extend(m.register_forward_hook(leaf, with_kwargs=True) for m in targets.values())
         t0 = time.perf_counter()
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             out = probe.units[0](model)
         seconds = time.perf_counter() - t0
         del out
+        kept.clear()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(n for (ptr, _), n in sizes.items() if ptr not in params), seconds
 
