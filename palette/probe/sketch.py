@@ -20,8 +20,10 @@ from .. import metadata
 from .._exact1d import KEY_VALUES
 from ..cluster import Palette
 from ..spec import PaletteSpec
+from ._binsum import bin_sums
 
 N_KEYS = 1 << 16  # fp16 bit patterns
+COMPILED_NUMEL = 1 << 18  # layers folded by the compiled pass on the CPU (below: its launch costs more)
 
 
 @dataclass
@@ -247,30 +249,43 @@ class Streamed:
                               for rows, cols in by_rows.items()), key=lambda c: -c[1].groups)
         self.other = sorted(others.items())
 
-    def _summed(self, numel: int) -> list[bool]:
-        """Per grouping of `scalar`: whether its histogram is summed from the finest one's (cheaper
-        than a bincount over the weight when the finest has fewer bins than the weight elements)."""
+    def _hists(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per grouping of `scalar`, the gradients summed per (group, rank) bin, (b, groups, D)
+        float64; and (b,) <g_s, fp16(W) - W>. A coarser grouping that the finest divides sums the
+        finest's bins. Large layers on the CPU: one compiled pass over the weight per grouping
+        (`_binsum`); elsewhere torch ops on the weight's device (small layers: they launch faster)."""
         finest = self.scalar[0][1].groups
-        return [i > 0 and finest % th.groups == 0 and finest * self.values.n < numel
-                for i, (_, th) in enumerate(self.scalar)]
+        d = self.values.n
+        hists: list[torch.Tensor] = []
+        if gs.device.type == "cpu" and w.numel() >= COMPILED_NUMEL:
+            resid = None
+            for _, th in self.scalar:
+                if hists and finest % th.groups == 0:
+                    hists.append(hists[0].view(gs.shape[0], th.groups, -1, d).sum(2))
+                    continue
+                hist, r = bin_sums(w, gs, self.values.by_bits, d, th.groups)
+                hists.append(hist)
+                resid = r if resid is None else resid
+            return hists, resid
+        g64 = gs.double()  # once for every grouping and the residual
+        ranks = self.values.ranks(w)
+        for _, th in self.scalar:
+            if hists and finest % th.groups == 0 and finest * d < w.numel():
+                hists.append(hists[0].view(gs.shape[0], th.groups, -1, d).sum(2))
+                continue
+            bins = self.values.bins(ranks, th.rows, w.shape[0])
+            hists.append(torch.stack([torch.bincount(bins, weights=row, minlength=th.groups * d).view(th.groups, d)
+                                      for row in g64]))
+        return hists, fp16_residual(w, g64)
 
     def __call__(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor]:
         """(b, candidates) float64: <g_s, dW> for every sample and candidate."""
         out = torch.empty(gs.shape[0], self.n, dtype=torch.float64, device=gs.device)
         if self.scalar:
-            g64 = gs.double()  # once for every grouping and the residual
-            resid = fp16_residual(w, g64)
-            ranks = self.values.ranks(w)
-            summed = self._summed(w.numel())
-            bins = [None if s else self.values.bins(ranks, th.rows, w.shape[0]) for s, (_, th) in zip(summed, self.scalar)]
-            d = self.values.n
+            hists, resid = self._hists(w, gs)
             for r in range(gs.shape[0]):
-                hists: list[torch.Tensor] = []
-                for (cols, th), b in zip(self.scalar, bins):
-                    hist = (hists[0].view(th.groups, -1, d).sum(1) if b is None
-                            else torch.bincount(b, weights=g64[r], minlength=th.groups * d).view(th.groups, d))
-                    hists.append(hist)
-                    out[r, cols] = th(self.values, hist) + resid[r]
+                for (cols, th), hist in zip(self.scalar, hists):
+                    out[r, cols] = th(self.values, hist[r]) + resid[r]
         wf = w.detach().reshape(-1).float()
         for i, p in self.other:
             dw = metadata.exact_weight(p).reshape(-1).to(wf.device) - wf
