@@ -34,7 +34,7 @@ from .palettize import untouched
 from .chunking import chunks_needed, layer_bytes_in_order
 from .cluster import fit_palettes
 from .probe import ProbeSet, Sensitivity, make_probe_set, measure, probe_sensitivity
-from .probe.run import DEFAULT_PROBES, as_candidates
+from .probe.run import as_candidates
 from .recipe import Candidates, Recipe
 from .spec import PaletteSpec
 
@@ -298,7 +298,7 @@ def allocate_bits(
     sensitivity: Sensitivity | None = None,
     candidates: Candidates | Sequence[PaletteSpec] | None = None,
     method: str = "fast",
-    n_probes: int = DEFAULT_PROBES,
+    n_probes: int | None = None,
     seed: int = 0,
     importance: bool = False,
     max_chunk_bytes: int | None = None,
@@ -325,7 +325,8 @@ def allocate_bits(
     image, as a `PipelineRecipe` (`palette.pipeline.allocate_pipeline`; `inputs`: prompts).
     """
     budget_gb, budget_bits = check_budget(budget_gb, budget_bits)
-    n_probes = integer(n_probes, "n_probes", minimum=1)
+    if n_probes is not None:
+        n_probes = integer(n_probes, "n_probes", minimum=1)
     seed = integer(seed, "seed")
     if not isinstance(model, nn.Module):
         from .pipeline import allocate_pipeline

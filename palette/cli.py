@@ -29,7 +29,7 @@ from .models.load import MODEL_HELP, PALETTES_FILE, Loaded, load_model
 from .models.pipelines import is_pipeline
 from .palettize import palettize, target_layers
 from .probe.inputs import DEFAULT_SAMPLES
-from .probe.run import DEFAULT_PROBES
+from .probe.run import PASSES_PER_PROBE
 from .recipe import APPLE, Candidates
 from .spec import GRANULARITIES, NBITS, PaletteSpec
 
@@ -541,8 +541,9 @@ def _probe_options() -> argparse.ArgumentParser:
                    help="output channels per LUT (per_grouped_channel)")
     g.add_argument("--samples", type=_positive, default=DEFAULT_SAMPLES, metavar="N",
                    help="probe samples (data-free, synthesised)")
-    g.add_argument("--probes", type=_positive, default=DEFAULT_PROBES, metavar="K",
-                   help="random projections, backward passes per sample (fast method)")
+    g.add_argument("--probes", type=_positive, metavar="K",
+                   help="random projections, backward passes per sample (fast method; default: "
+                        f"{PASSES_PER_PROBE} over all samples, at least 2 each)")
     g.add_argument("--batch-size", type=_positive, metavar="N",
                    help="probe samples per forward pass (default: 4 for small latents, else 1)")
     g.add_argument("--sample-size", type=_positive, metavar="N",

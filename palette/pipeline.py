@@ -32,7 +32,6 @@ from .allocate import allocate_bits
 from .palettize import palettize, palettized
 from .probe import Sensitivity, probe_sensitivity
 from .probe.pipeline_inputs import COMPONENTS, DECODER, PROBE_STEPS, PipelineOutput, VaeDecoder, check_components
-from .probe.run import DEFAULT_PROBES
 from .recipe import Candidates, Recipe
 from .spec import PaletteSpec
 
@@ -218,7 +217,7 @@ def allocate_pipeline(
     sensitivity: Sensitivity | None = None,
     candidates: Candidates | Sequence[PaletteSpec] | None = None,
     method: str = "fast",
-    n_probes: int = DEFAULT_PROBES,
+    n_probes: int | None = None,
     seed: int = 0,
     calibrate: bool = True,
     cache: str | None = None,

@@ -371,9 +371,11 @@ def test_string_padding_convolutions_probe(padding: str) -> None:
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_compiled_and_torch_folds_agree(monkeypatch, rows: int) -> None:
-    """The CPU's compiled fold (large layers) and the torch ops (other devices, small layers)
-    give the same <g, dW> for every candidate, also for a grouping the finest does not divide."""
+    """The CPU's compiled fold (parallel for large layers, serial for small ones) and the torch ops
+    (other devices) give the same <g, dW> for every candidate, also for a grouping the finest
+    does not divide."""
     from palette.cluster import fit_luts_batch
+    from palette.probe import _binsum
     from palette.probe import sketch as probe_sketch
 
     torch.manual_seed(0)
@@ -383,13 +385,15 @@ def test_compiled_and_torch_folds_agree(monkeypatch, rows: int) -> None:
     streamed = probe_sketch.Streamed(w, specs, dict(enumerate(fit_luts_batch([(w, specs)])[0])), {})
     gs = torch.randn(rows, w.numel())
     out = {}
-    for label, limit in (("compiled", 0), ("torch", 1 << 62)):
-        monkeypatch.setattr(probe_sketch, "COMPILED_NUMEL", limit)
+    for label, devices, parallel in (("parallel", ("cpu",), 0), ("serial", ("cpu",), 1 << 62), ("torch", (), 0)):
+        monkeypatch.setattr(probe_sketch, "COMPILED_DEVICES", devices)
+        monkeypatch.setattr(_binsum, "PARALLEL_NUMEL", parallel)
         out[label] = streamed(w, gs)[0]
-    assert torch.allclose(out["compiled"], out["torch"], rtol=1e-12, atol=0)
+    assert torch.allclose(out["parallel"], out["torch"], rtol=1e-12, atol=0)
+    assert torch.allclose(out["serial"], out["torch"], rtol=1e-12, atol=0)
     exact = torch.stack([gs.double() @ (fit_palette(w, s).dequantize().reshape(-1).double() - w.reshape(-1).double())
                          for s in specs], 1)
-    assert torch.allclose(out["compiled"], exact, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(out["parallel"], exact, rtol=1e-9, atol=1e-12)
 
 
 def test_memory_estimate_frees_what_it_measured() -> None:
@@ -423,3 +427,12 @@ def test_memory_estimate_stops_before_the_work_and_names_options(monkeypatch) ->
     monkeypatch.setattr(budget, "available_bytes", lambda device: 1)
     with pytest.raises(ValueError, match="per_tensor.*lower probe.*fewer samples.*cuda"):
         probe_sensitivity(tiny_unet(), synth(tiny_unet()), **FAST)
+
+
+@pytest.mark.parametrize("n, k", [(2, 32), (8, 8), (24, 3), (64, 2)])
+def test_default_passes_follow_the_sample_count(n: int, k: int) -> None:
+    """Without n_probes, about 64 random projections over all samples, at least 2 per sample."""
+    model, _ = tiny_bert()
+    kw = {key: v for key, v in FAST.items() if key != "n_probes"}
+    sens = probe_sensitivity(model, make_probe_set(model, n_samples=n, batch_size=n), **kw)
+    assert sens.n_probes == k and sens.cost.backwards == k

@@ -17,40 +17,33 @@ import torch
 from .. import _exact1d  # noqa: F401  (sets numba's threading layer before any parallel kernel runs)
 
 MIN_TASKS = 16  # slices per row when the groups are fewer, so both cores get work
+PARALLEL_NUMEL = 1 << 18  # smaller weights are folded on the calling thread
+
+
+@nb.njit(cache=True)
+def _fold(bits, g, w, rank_of_bits, value_of_bits, lo, hi, hist, resid):
+    """Every row of `g` over elements [lo, hi) added into `hist` (rows, ranks) and `resid` (rows,)."""
+    for r in range(g.shape[0]):
+        acc = 0.0
+        out = hist[r]
+        for e in range(lo, hi):
+            b = np.int64(bits[e]) & 0xFFFF
+            gv = np.float64(g[r, e])
+            out[rank_of_bits[b]] += gv
+            acc += gv * (value_of_bits[b] - np.float64(w[e]))
+        resid[r] += acc
 
 
 @nb.njit(parallel=True, cache=True)
-def _bin_sums(bits, g, w, rank_of_bits, value_of_bits, n_groups, n_ranks, splits):
-    rows, numel = g.shape
-    per_group = numel // n_groups
-    part = (per_group + splits - 1) // splits
-    tasks = n_groups * splits
-    # one task per group writes its own row of the sums; slices of a group need partial sums
-    partial = np.zeros((rows, tasks, n_ranks))
-    resid = np.zeros((rows, tasks))
-    for t in nb.prange(tasks):
-        lo = (t // splits) * per_group + (t % splits) * part
-        hi = min(lo + part, (t // splits + 1) * per_group)
-        for r in range(rows):
-            acc = 0.0
-            out = partial[r, t]
-            for e in range(lo, hi):
-                b = np.int64(bits[e]) & 0xFFFF
-                gv = np.float64(g[r, e])
-                out[rank_of_bits[b]] += gv
-                acc += gv * (value_of_bits[b] - np.float64(w[e]))
-            resid[r, t] = acc
-    res = np.zeros(rows)
-    for r in range(rows):
-        for t in range(tasks):
-            res[r] += resid[r, t]
-    if splits == 1:
-        return partial, res
-    hist = np.zeros((rows, n_groups, n_ranks))
-    for r in range(rows):
-        for t in range(tasks):
-            hist[r, t // splits] += partial[r, t]
-    return hist, res
+def _tasks_parallel(bits, g, w, rank_of_bits, value_of_bits, bounds, hist, resid):
+    for t in nb.prange(bounds.shape[0]):
+        _fold(bits, g, w, rank_of_bits, value_of_bits, bounds[t, 0], bounds[t, 1], hist[t], resid[t])
+
+
+@nb.njit(cache=True)
+def _tasks_serial(bits, g, w, rank_of_bits, value_of_bits, bounds, hist, resid):
+    for t in range(bounds.shape[0]):
+        _fold(bits, g, w, rank_of_bits, value_of_bits, bounds[t, 0], bounds[t, 1], hist[t], resid[t])
 
 
 def _value_of_bits() -> np.ndarray:
@@ -66,10 +59,21 @@ def bin_sums(w: torch.Tensor, gs: torch.Tensor, rank_of_bits: torch.Tensor, n_ra
     """For CPU tensors: per-sample gradients `gs` (b, numel) summed per (group, rank) bin,
     (b, n_groups, n_ranks) float64, the groups being equal consecutive slices of the flattened
     weight `w`, ranks looked up from each weight's fp16 bit pattern in `rank_of_bits` (65536,);
-    and (b,) float64 `<g_s, fp16(W) - W>`."""
+    and (b,) float64 `<g_s, fp16(W) - W>`. Small layers run on the calling thread (a parallel
+    launch costs more than their work)."""
     wf = w.detach().reshape(-1).float().contiguous()
     bits = wf.to(torch.float16).view(torch.int16).numpy()
     g = gs.detach().float().contiguous().numpy()
-    splits = max(1, -(-MIN_TASKS // n_groups))
-    hist, resid = _bin_sums(bits, g, wf.numpy(), rank_of_bits.numpy(), VALUE_OF_BITS, n_groups, n_ranks, splits)
-    return torch.from_numpy(hist), torch.from_numpy(resid)
+    rows, numel = g.shape
+    parallel = numel >= PARALLEL_NUMEL
+    splits = max(1, -(-MIN_TASKS // n_groups)) if parallel else 1
+    per_group = numel // n_groups
+    part = -(-per_group // splits)
+    lo = (np.arange(n_groups)[:, None] * per_group + np.arange(splits)[None, :] * part).reshape(-1)
+    hi = np.minimum(lo + part, np.repeat(np.arange(1, n_groups + 1) * per_group, splits))
+    hist = np.zeros((n_groups * splits, rows, n_ranks))
+    resid = np.zeros((n_groups * splits, rows))
+    run = _tasks_parallel if parallel else _tasks_serial
+    run(bits, g, wf.numpy(), rank_of_bits.numpy(), VALUE_OF_BITS, np.stack([lo, hi], 1), hist, resid)
+    hist = hist.reshape(n_groups, splits, rows, n_ranks).sum(1).transpose(1, 0, 2)
+    return torch.from_numpy(np.ascontiguousarray(hist)), torch.from_numpy(resid.sum(0))

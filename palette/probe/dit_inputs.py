@@ -185,7 +185,7 @@ def dit_probe_set(
         _Unit(_sliced(s.kwargs, slice(i, i + batch_size)), s.keep_channels)
         for i in range(0, n_samples, batch_size)
     )
-    return ProbeSet(units, s.description, batch_size)
+    return ProbeSet(units, s.description, batch_size, n_samples)
 
 
 def example_input(

@@ -60,6 +60,12 @@ class ProbeSet:
     units: tuple[Unit, ...]
     description: str
     batch_size: int = 1  # the most samples one unit holds (1 where it cannot be told)
+    n_samples: int | None = None  # samples in all units (None where it cannot be told: a callable)
+
+    @property
+    def samples(self) -> int:
+        """Samples in all units; one per unit where that cannot be told."""
+        return self.n_samples if self.n_samples is not None else len(self.units)
 
 
 def main_output(out: Any) -> torch.Tensor:
@@ -143,7 +149,8 @@ def make_probe_set(
         if not items:
             raise ValueError("inputs is an empty list")
         units = tuple(_as_unit(item, i) for i, item in enumerate(items))
-        return ProbeSet(units, f"user inputs: {len(units)} batch(es)", max(_batch_of(item) for item in items))
+        return ProbeSet(units, f"user inputs: {len(units)} batch(es)", max(_batch_of(item) for item in items),
+                        sum(_batch_of(item) for item in items))
     n_samples = integer(n_samples, "n_samples", minimum=1)
     if batch_size is not None:
         batch_size = integer(batch_size, "batch_size", minimum=1)
@@ -269,7 +276,7 @@ def _unet_probe_set(unet, seed, n, batch_size, text_encoder, tokenizer, schedule
         f"synthesised: {n} noisy latent-like samples {cfg.in_channels}x{size[0]}x{size[1]} at timesteps "
         f"{timesteps.tolist()} of {sched_name}; {cond_desc}; seed {seed}"
     )
-    return ProbeSet(tuple(units), desc, batch_size)
+    return ProbeSet(tuple(units), desc, batch_size, n)
 
 
 def _text_probe_set(model, seed, n, batch_size, tokenizer) -> ProbeSet:
@@ -287,4 +294,4 @@ def _text_probe_set(model, seed, n, batch_size, tokenizer) -> ProbeSet:
         _call_unit((), {"input_ids": ids[sl], "attention_mask": mask[sl]})
         for sl in _batches(n, batch_size or n)
     ]
-    return ProbeSet(tuple(units), desc + "; output last_hidden_state", batch_size or n)
+    return ProbeSet(tuple(units), desc + "; output last_hidden_state", batch_size or n, n)

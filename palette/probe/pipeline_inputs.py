@@ -144,7 +144,7 @@ class PipelineOutput(nn.Module):
         desc = (f"pipeline: {n_samples} {'given' if prompts else 'built-in'} prompts, seeds {seed}..{seed + n_samples - 1}, "
                 f"{self.steps} {type(self.scheduler).__name__} steps, guidance {self.guidance_scale:g}; output: "
                 f"the image{' decoded by the VAE' if hasattr(self, DECODER) else ''}")
-        return ProbeSet(tuple(units), desc, batch_size)
+        return ProbeSet(tuple(units), desc, batch_size, n_samples)
 
     @torch.no_grad()
     def example_inputs(self, prompt: str = "a red circle", seed: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:

@@ -23,7 +23,7 @@ from ..spec import PaletteSpec
 from ._binsum import bin_sums
 
 N_KEYS = 1 << 16  # fp16 bit patterns
-COMPILED_NUMEL = 1 << 18  # layers folded by the compiled pass on the CPU (below: its launch costs more)
+COMPILED_DEVICES = ("cpu",)  # where the folds run the compiled pass (`_binsum`); torch ops elsewhere
 
 
 @dataclass
@@ -208,27 +208,32 @@ class Thresholds:
     def __init__(self, values: LayerValues, rows: int | None, luts: list[np.ndarray], device: torch.device) -> None:
         self.rows = rows
         self.groups = luts[0].shape[0]
-        self.bounds, self.luts = [], []
-        for lut in luts:  # (groups, k) fp16, ascending
+        bounds, weights, owner = [], [], []
+        for c, lut in enumerate(luts):  # (groups, k) fp16, ascending
             lut64 = torch.from_numpy(lut.astype(np.float64)).to(device)
             mid = (lut64[:, :-1] + lut64[:, 1:]) / 2  # exact: fp16 values are exact in float64
             inner = torch.searchsorted(values.values, mid, right=True)  # values <= mid go below
-            edge = torch.full((self.groups, 1), 0, dtype=torch.int64, device=device)
-            self.bounds.append(torch.cat([edge, inner, edge + values.n], 1))
-            self.luts.append(lut64)
+            edge = torch.zeros((self.groups, 1), dtype=torch.int64, device=device)
+            bounds.append(torch.cat([edge, inner, edge + values.n], 1))
+            weights.append(torch.cat([lut64, torch.zeros_like(lut64[:, :1])], 1))
+            owner += [c] * lut.shape[1] + [-1]
+        # every candidate's bounds side by side: position j's run is [index[:, j], index[:, j + 1]),
+        # a run of candidate owner[j], or the seam between two candidates (owner -1: not counted)
+        self.index = torch.cat(bounds, 1)
+        self.lut = torch.cat(weights, 1)[:, :-1]
+        owner_t = torch.tensor(owner[:-1], device=device)
+        self.member = (owner_t[:, None] == torch.arange(len(luts), device=device)).double()
 
     def __call__(self, values: LayerValues, hist: torch.Tensor) -> torch.Tensor:
-        """(candidates,) float64 sum_j lut_j S_j - U_j for one gradient row summed per (group, rank)
-        bin, `hist` (groups, D) float64."""
-        width = values.n + 1
-        sums = torch.zeros(2, self.groups, width, dtype=torch.float64, device=hist.device)
-        sums[0, :, 1:] = hist
-        torch.mul(hist, values.values, out=sums[1, :, 1:])
-        s, u = sums.cumsum_(2)  # runs of ranks [a, b) sum to s[b] - s[a]
-        out = []
-        for bounds, lut in zip(self.bounds, self.luts):
-            out.append((lut * s.gather(1, bounds).diff(dim=1) - u.gather(1, bounds).diff(dim=1)).sum())
-        return torch.stack(out)
+        """(rows, candidates) float64 sum_j lut_j S_j - U_j for gradient rows summed per (group,
+        rank) bin, `hist` (rows, groups, D) float64."""
+        b = hist.shape[0]
+        sums = torch.zeros(2, b, self.groups, values.n + 1, dtype=torch.float64, device=hist.device)
+        sums[0, ..., 1:] = hist
+        torch.mul(hist, values.values, out=sums[1, ..., 1:])
+        sums.cumsum_(3)  # runs of ranks [a, b) sum to s[b] - s[a]
+        s, u = sums.gather(3, self.index.expand(2, b, -1, -1)).diff(dim=3)
+        return (self.lut * s - u).sum(1) @ self.member
 
 
 class Streamed:
@@ -252,12 +257,12 @@ class Streamed:
     def _hists(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per grouping of `scalar`, the gradients summed per (group, rank) bin, (b, groups, D)
         float64; and (b,) <g_s, fp16(W) - W>. A coarser grouping that the finest divides sums the
-        finest's bins. Large layers on the CPU: one compiled pass over the weight per grouping
-        (`_binsum`); elsewhere torch ops on the weight's device (small layers: they launch faster)."""
+        finest's bins. On the CPU one compiled pass over the weight per grouping (`_binsum`);
+        elsewhere torch ops on the weight's device."""
         finest = self.scalar[0][1].groups
         d = self.values.n
         hists: list[torch.Tensor] = []
-        if gs.device.type == "cpu" and w.numel() >= COMPILED_NUMEL:
+        if gs.device.type in COMPILED_DEVICES:
             resid = None
             for _, th in self.scalar:
                 if hists and finest % th.groups == 0:
@@ -273,9 +278,10 @@ class Streamed:
             if hists and finest % th.groups == 0 and finest * d < w.numel():
                 hists.append(hists[0].view(gs.shape[0], th.groups, -1, d).sum(2))
                 continue
-            bins = self.values.bins(ranks, th.rows, w.shape[0])
-            hists.append(torch.stack([torch.bincount(bins, weights=row, minlength=th.groups * d).view(th.groups, d)
-                                      for row in g64]))
+            width = th.groups * d
+            bins = self.values.bins(ranks, th.rows, w.shape[0]) + torch.arange(len(g64), device=gs.device)[:, None] * width
+            hists.append(torch.bincount(bins.reshape(-1), weights=g64.reshape(-1), minlength=len(g64) * width)
+                         .view(len(g64), th.groups, d))
         return hists, fp16_residual(w, g64)
 
     def __call__(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor]:
@@ -283,9 +289,8 @@ class Streamed:
         out = torch.empty(gs.shape[0], self.n, dtype=torch.float64, device=gs.device)
         if self.scalar:
             hists, resid = self._hists(w, gs)
-            for r in range(gs.shape[0]):
-                for (cols, th), hist in zip(self.scalar, hists):
-                    out[r, cols] = th(self.values, hist[r]) + resid[r]
+            for (cols, th), hist in zip(self.scalar, hists):
+                out[:, cols] = th(self.values, hist) + resid[:, None]
         wf = w.detach().reshape(-1).float()
         for i, p in self.other:
             dw = metadata.exact_weight(p).reshape(-1).to(wf.device) - wf
@@ -298,7 +303,7 @@ class Streamed:
     @property
     def nbytes(self) -> int:
         """Bytes this layer's candidates hold during the passes."""
-        compact = sum(t.nbytes for _, th in self.scalar for t in (*th.bounds, *th.luts))
+        compact = sum(t.nbytes for _, th in self.scalar for t in (th.index, th.lut, th.member))
         table = 0 if self.values is None else self.values.by_bits.nbytes + self.values.values.nbytes
         return compact + table + sum(p.indices.nbytes + p.lut.nbytes for _, p in self.other)
 
