@@ -143,11 +143,12 @@ def candidate_bytes(shape: tuple[int, ...], specs: list[PaletteSpec]) -> int:
 
 
 def transient_bytes(shape: tuple[int, ...], specs: list[PaletteSpec], batch: int) -> int:
-    """The largest working set of one layer's backward hook: per-sample gradients (float32), one
-    row in float64, the bins, and the per-(group, value) sums of the widest grouping."""
+    """The largest working set of one layer's backward hook: its output gradient and per-sample
+    weight gradients (float32), the weight's fp16 bit patterns, and per sample the sums per
+    (group, distinct value) of the finest grouping with their prefix sums (float64)."""
     numel = math.prod(shape)
     groups = max((s.n_groups(shape[0]) for s in specs if is_value_function(s)), default=0)
-    return 4 * numel * (batch + 1) + 16 * numel + 3 * 8 * groups * min(numel // max(groups, 1), N_KEYS)
+    return 4 * numel * (batch + 1) + 2 * numel + 3 * 8 * batch * groups * min(numel, N_KEYS)
 
 
 def estimate(
