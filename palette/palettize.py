@@ -19,7 +19,7 @@ from torch import nn
 from . import metadata
 from ._checks import check_loaded
 from .cluster import Palette, check_weight
-from .recipe import DEFAULT_MIN_NUMEL, PaletteSpec, Recipe, SpecMapping, as_recipe, target_layers
+from .recipe import DEFAULT_MIN_NUMEL, PaletteSpec, Recipe, SpecMapping, as_recipe, target_layers, tied_layers
 
 
 def palettize(
@@ -207,3 +207,45 @@ def palettized(model: nn.Module, palettes: Mapping[str, Palette]) -> Iterator[No
             metadata.detach(modules[n])
         apply_palettes(model, palettes)
         yield
+
+
+@contextmanager
+def palettized_per_call(model: nn.Module, palettes: Mapping[str, Palette]) -> Iterator[None]:
+    """The model computing with `palettes` for the duration of the block, each layer's weight
+    palettized only while that layer runs (and restored right after): one layer's copy beyond the
+    model instead of a copy of every palettized weight (`palettized`), for measuring outputs of a
+    large model. Layers sharing a weight (`tied_layers`) compute with its palette too. Metadata is
+    not attached; every weight is back on exit, whatever happens."""
+    modules = dict(model.named_modules())
+    users = {n: [n] for n in palettes}
+    for first, aliases in tied_layers(model).items():
+        if first in users:
+            users[first] += aliases
+    backups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by module: (weight, its original values)
+    hooks = []
+
+    def pre(pal: Palette):
+        def hook(module: nn.Module, args) -> None:
+            w = module.weight
+            backups[id(module)] = (w, w.detach().clone())
+            with torch.no_grad():
+                w.copy_(metadata.exact_weight(pal).reshape(w.shape).to(w.device, w.dtype))
+        return hook
+
+    def post(module: nn.Module, args, output) -> None:
+        w, original = backups.pop(id(module))
+        with torch.no_grad():
+            w.copy_(original)
+
+    try:
+        for name, pal in palettes.items():
+            for user in users[name]:
+                hooks.append(modules[user].register_forward_pre_hook(pre(pal)))
+                hooks.append(modules[user].register_forward_hook(post))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for w, original in backups.values():
+                w.copy_(original)

@@ -90,3 +90,27 @@ def test_keep_original_restores_on_exception_and_interrupt() -> None:
                 palettize(m, PaletteSpec(nbits=1), progress=False)
                 raise exc()
         assert all(torch.equal(before[k], v) for k, v in weights(m).items())
+
+
+def test_palettized_per_call_computes_as_palettized_and_leaves_the_weights() -> None:
+    """Measuring through per-call palettization gives exactly the outputs of the model with the
+    palettes written in (a weight shared by two layers included), keeps no copy of the weights,
+    and leaves every weight as it was, also when the forward raises."""
+    from palette.palettize import palettized, palettized_per_call
+    from palette.recipe import as_recipe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 128))
+    model[4].weight = model[2].weight  # tied
+    x = torch.randn(5, 64)
+    palettes = as_recipe(model, PaletteSpec(nbits=2)).palettes(model)
+    before = weights(model)
+    with torch.no_grad(), palettized(model, palettes):
+        expected = model(x)
+    with torch.no_grad(), palettized_per_call(model, palettes):
+        got = model(x)
+        assert all(torch.equal(v, before[k]) for k, v in weights(model).items())  # between calls: originals
+    assert torch.equal(got, expected) and not torch.equal(got, model(x))
+    with pytest.raises(RuntimeError), palettized_per_call(model, palettes):
+        model(torch.randn(5, 63))
+    assert all(torch.equal(v, before[k]) for k, v in weights(model).items())

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..metrics import psnr_from_mse
-from ..palettize import palettized, untouched
+from ..palettize import palettized_per_call, untouched
 from ..recipe import PaletteSpec, Recipe, SpecMapping, as_recipe
 from .inputs import ProbeSet, make_probe_set
 
@@ -77,8 +77,9 @@ def measure(
 def palettized_outputs(
     model: nn.Module, plan: Recipe | PaletteSpec | SpecMapping, probe: ProbeSet, *, seed: int = 0
 ) -> list[torch.Tensor]:
-    """The model's outputs on `probe` with `plan` applied (fitted first), run in eval mode; the
-    model restored after, whatever happens."""
+    """The model's outputs on `probe` with `plan` applied (fitted first; each layer palettized
+    only while it runs, so no copy of the weights is made), run in eval mode; the model restored
+    after, whatever happens."""
     palettes = as_recipe(model, plan, seed=seed).palettes(model)
-    with untouched(model), palettized(model, palettes):
+    with untouched(model), palettized_per_call(model, palettes):
         return outputs(model, probe)
