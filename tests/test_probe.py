@@ -369,19 +369,20 @@ def test_string_padding_convolutions_probe(padding: str) -> None:
     assert len(sens.layers) == 2 and all(np.isfinite(e).all() for e in sens.errors.values())
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_compiled_and_torch_folds_agree(monkeypatch, rows: int) -> None:
-    """The CPU's compiled fold (parallel for large layers, serial for small ones) and the torch ops
-    (other devices) give the same <g, dW> for every candidate, also for a grouping the finest
-    does not divide."""
+@pytest.mark.parametrize("rows, shape, sizes", [(1, (96, 48, 3, 3), (16, 24)), (3, (96, 48, 3, 3), (16, 24)),
+                                               (2, (512, 64), (16, 32))])
+def test_compiled_and_torch_folds_agree(monkeypatch, rows: int, shape: tuple, sizes: tuple) -> None:
+    """The CPU's compiled folds (dense sums, parallel for large layers and serial for small ones;
+    prefix sums at the bounds for many groups) and the torch ops (other devices) give the same
+    <g, dW> for every candidate, also for a grouping the finest does not divide."""
     from palette.cluster import fit_luts_batch
     from palette.probe import _binsum
     from palette.probe import sketch as probe_sketch
 
     torch.manual_seed(0)
-    w = torch.randn(96, 48, 3, 3) * 0.05
+    w = torch.randn(shape) * 0.05
     specs = [PaletteSpec(nbits=b) for b in (1, 3, 8)] + [
-        PaletteSpec(nbits=b, granularity="per_grouped_channel", group_size=g) for b in (2, 4) for g in (16, 24)]
+        PaletteSpec(nbits=b, granularity="per_grouped_channel", group_size=g) for b in (2, 4) for g in sizes]
     streamed = probe_sketch.Streamed(w, specs, dict(enumerate(fit_luts_batch([(w, specs)])[0])), {})
     gs = torch.randn(rows, w.numel())
     out = {}

@@ -46,12 +46,43 @@ def _tasks_serial(bits, g, w, rank_of_bits, value_of_bits, bounds, hist, resid):
         _fold(bits, g, w, rank_of_bits, value_of_bits, bounds[t, 0], bounds[t, 1], hist[t], resid[t])
 
 
+@nb.njit(parallel=True, cache=True)
+def _prefix_at_bounds(bits, g, w, rank_of_bits, value_of_bits, values, sorted_bounds, s_out, u_out, resid):
+    """Per group (a task each): its rows summed per rank in a scratch of its own, then the prefix
+    sums of the sums and of sums x value at every bound (ascending), and the fp16 residual."""
+    rows, numel = g.shape
+    n_groups, n_bounds = sorted_bounds.shape
+    n_ranks = values.shape[0]
+    per_group = numel // n_groups
+    for grp in nb.prange(n_groups):
+        hist = np.zeros((rows, n_ranks))
+        _fold(bits, g, w, rank_of_bits, value_of_bits, grp * per_group, (grp + 1) * per_group, hist, resid[grp])
+        for r in range(rows):
+            s = 0.0
+            u = 0.0
+            k = 0
+            for pos in range(n_ranks + 1):
+                while k < n_bounds and sorted_bounds[grp, k] == pos:
+                    s_out[r, grp, k] = s
+                    u_out[r, grp, k] = u
+                    k += 1
+                if pos < n_ranks:
+                    s += hist[r, pos]
+                    u += hist[r, pos] * values[pos]
+
+
 def _value_of_bits() -> np.ndarray:
     """The fp16 value of every bit pattern, as float64."""
     return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
 
 
 VALUE_OF_BITS = _value_of_bits()
+
+
+def _arrays(w: torch.Tensor, gs: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The flat fp32 weight, its fp16 bit patterns and the fp32 gradient rows, as numpy arrays."""
+    wf = w.detach().reshape(-1).float().contiguous()
+    return wf.numpy(), wf.to(torch.float16).view(torch.int16).numpy(), gs.detach().float().contiguous().numpy()
 
 
 def bin_sums(w: torch.Tensor, gs: torch.Tensor, rank_of_bits: torch.Tensor, n_ranks: int,
@@ -61,9 +92,7 @@ def bin_sums(w: torch.Tensor, gs: torch.Tensor, rank_of_bits: torch.Tensor, n_ra
     weight `w`, ranks looked up from each weight's fp16 bit pattern in `rank_of_bits` (65536,);
     and (b,) float64 `<g_s, fp16(W) - W>`. Small layers run on the calling thread (a parallel
     launch costs more than their work)."""
-    wf = w.detach().reshape(-1).float().contiguous()
-    bits = wf.to(torch.float16).view(torch.int16).numpy()
-    g = gs.detach().float().contiguous().numpy()
+    wf, bits, g = _arrays(w, gs)
     rows, numel = g.shape
     parallel = numel >= PARALLEL_NUMEL
     splits = max(1, -(-MIN_TASKS // n_groups)) if parallel else 1
@@ -74,6 +103,24 @@ def bin_sums(w: torch.Tensor, gs: torch.Tensor, rank_of_bits: torch.Tensor, n_ra
     hist = np.zeros((n_groups * splits, rows, n_ranks))
     resid = np.zeros((n_groups * splits, rows))
     run = _tasks_parallel if parallel else _tasks_serial
-    run(bits, g, wf.numpy(), rank_of_bits.numpy(), VALUE_OF_BITS, np.stack([lo, hi], 1), hist, resid)
+    run(bits, g, wf, rank_of_bits.numpy(), VALUE_OF_BITS, np.stack([lo, hi], 1), hist, resid)
     hist = hist.reshape(n_groups, splits, rows, n_ranks).sum(1).transpose(1, 0, 2)
     return torch.from_numpy(np.ascontiguousarray(hist)), torch.from_numpy(resid.sum(0))
+
+
+def prefix_at_bounds(w: torch.Tensor, gs: torch.Tensor, rank_of_bits: torch.Tensor, values: torch.Tensor,
+                     sorted_bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For CPU tensors and many groups: with H the per-sample gradients summed per (group, rank)
+    bin, the prefix sums of H and of H x `values` (the ranks' fp16 values) at every bound of
+    `sorted_bounds` (groups, T) int64, ascending per group: two (b, groups, T) float64; and (b,)
+    `<g_s, fp16(W) - W>`. The dense (groups, ranks) sums are never made: each group keeps its own
+    in a scratch while its task runs."""
+    wf, bits, g = _arrays(w, gs)
+    rows = g.shape[0]
+    n_groups, n_bounds = sorted_bounds.shape
+    s_out = np.empty((rows, n_groups, n_bounds))
+    u_out = np.empty((rows, n_groups, n_bounds))
+    resid = np.zeros((n_groups, rows))
+    _prefix_at_bounds(bits, g, wf, rank_of_bits.numpy(), VALUE_OF_BITS, values.numpy(), sorted_bounds.numpy(),
+                      s_out, u_out, resid)
+    return torch.from_numpy(s_out), torch.from_numpy(u_out), torch.from_numpy(resid.sum(0))

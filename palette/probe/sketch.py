@@ -20,7 +20,7 @@ from .. import metadata
 from .._exact1d import KEY_VALUES
 from ..cluster import Palette
 from ..spec import PaletteSpec
-from ._binsum import bin_sums
+from ._binsum import MIN_TASKS, bin_sums, prefix_at_bounds
 
 N_KEYS = 1 << 16  # fp16 bit patterns
 COMPILED_DEVICES = ("cpu",)  # where the folds run the compiled pass (`_binsum`); torch ops elsewhere
@@ -223,6 +223,9 @@ class Thresholds:
         self.lut = torch.cat(weights, 1)[:, :-1]
         owner_t = torch.tensor(owner[:-1], device=device)
         self.member = (owner_t[:, None] == torch.arange(len(luts), device=device)).double()
+        order = torch.argsort(self.index, dim=1, stable=True)  # for prefix sums taken in rank order
+        self.sorted_index = self.index.gather(1, order)
+        self.unsort = torch.argsort(order, dim=1)
 
     def __call__(self, values: LayerValues, hist: torch.Tensor) -> torch.Tensor:
         """(rows, candidates) float64 sum_j lut_j S_j - U_j for gradient rows summed per (group,
@@ -232,8 +235,25 @@ class Thresholds:
         sums[0, ..., 1:] = hist
         torch.mul(hist, values.values, out=sums[1, ..., 1:])
         sums.cumsum_(3)  # runs of ranks [a, b) sum to s[b] - s[a]
-        s, u = sums.gather(3, self.index.expand(2, b, -1, -1)).diff(dim=3)
+        s, u = sums.gather(3, self.index.expand(2, b, -1, -1))
+        return self.combine(s, u)
+
+    def combine(self, s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """(rows, candidates) from the prefix sums of H and of H x value at every bound of
+        `index`, (rows, groups, T) each."""
+        s, u = s.diff(dim=2), u.diff(dim=2)
         return (self.lut * s - u).sum(1) @ self.member
+
+    def folded(self, values: LayerValues, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """On the CPU, straight from the per-sample gradients `gs` of weight `w`: (rows,
+        candidates) and (rows,) <g_s, fp16(W) - W>. Many groups: prefix sums at the bounds, each
+        group's sums in a scratch of its own (`_binsum.prefix_at_bounds`); few: the dense sums."""
+        if self.groups < MIN_TASKS:
+            hist, resid = bin_sums(w, gs, values.by_bits, values.n, self.groups)
+            return self(values, hist), resid
+        s, u, resid = prefix_at_bounds(w, gs, values.by_bits, values.values, self.sorted_index)
+        unsort = self.unsort.expand(len(gs), -1, -1)
+        return self.combine(s.gather(2, unsort), u.gather(2, unsort)), resid
 
 
 class Streamed:
@@ -256,22 +276,11 @@ class Streamed:
 
     def _hists(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per grouping of `scalar`, the gradients summed per (group, rank) bin, (b, groups, D)
-        float64; and (b,) <g_s, fp16(W) - W>. A coarser grouping that the finest divides sums the
-        finest's bins. On the CPU one compiled pass over the weight per grouping (`_binsum`);
-        elsewhere torch ops on the weight's device."""
+        float64, with torch ops on the weight's device (a coarser grouping that the finest divides
+        sums the finest's bins); and (b,) <g_s, fp16(W) - W>."""
         finest = self.scalar[0][1].groups
         d = self.values.n
         hists: list[torch.Tensor] = []
-        if gs.device.type in COMPILED_DEVICES:
-            resid = None
-            for _, th in self.scalar:
-                if hists and finest % th.groups == 0:
-                    hists.append(hists[0].view(gs.shape[0], th.groups, -1, d).sum(2))
-                    continue
-                hist, r = bin_sums(w, gs, self.values.by_bits, d, th.groups)
-                hists.append(hist)
-                resid = r if resid is None else resid
-            return hists, resid
         g64 = gs.double()  # once for every grouping and the residual
         ranks = self.values.ranks(w)
         for _, th in self.scalar:
@@ -285,9 +294,14 @@ class Streamed:
         return hists, fp16_residual(w, g64)
 
     def __call__(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor]:
-        """(b, candidates) float64: <g_s, dW> for every sample and candidate."""
+        """(b, candidates) float64: <g_s, dW> for every sample and candidate. On the CPU each
+        grouping is one compiled pass over the weight (`Thresholds.folded`); elsewhere torch ops."""
         out = torch.empty(gs.shape[0], self.n, dtype=torch.float64, device=gs.device)
-        if self.scalar:
+        if self.scalar and gs.device.type in COMPILED_DEVICES:
+            for cols, th in self.scalar:
+                vals, resid = th.folded(self.values, w, gs)
+                out[:, cols] = vals + resid[:, None]
+        elif self.scalar:
             hists, resid = self._hists(w, gs)
             for (cols, th), hist in zip(self.scalar, hists):
                 out[:, cols] = th(self.values, hist) + resid[:, None]
@@ -303,7 +317,7 @@ class Streamed:
     @property
     def nbytes(self) -> int:
         """Bytes this layer's candidates hold during the passes."""
-        compact = sum(t.nbytes for _, th in self.scalar for t in (th.index, th.lut, th.member))
+        compact = sum(t.nbytes for _, th in self.scalar for t in (th.index, th.lut, th.member, th.sorted_index, th.unsort))
         table = 0 if self.values is None else self.values.by_bits.nbytes + self.values.values.nbytes
         return compact + table + sum(p.indices.nbytes + p.lut.nbytes for _, p in self.other)
 
