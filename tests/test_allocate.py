@@ -204,7 +204,9 @@ def test_size_accounting_is_exact() -> None:
 
 def test_importance_weighted_palettes_are_kept_only_where_better_and_round_trip(tmp_path) -> None:
     model = tiny_model()
-    sens = probe_sensitivity(model, INPUTS, progress=False, importance=True, keep_sketch=True)
+    # 16 passes per sample: the additive prediction's 1.5 dB bar below is for 128 projections (with
+    # the default 32 it is off by up to 1.6 dB on this model; benchmarks/RESULTS.md, sensitivity)
+    sens = probe_sensitivity(model, INPUTS, progress=False, importance=True, keep_sketch=True, n_probes=16)
     plain = allocate_bits(model, budget_bits=2.5, sensitivity=sens)
     weighted = allocate_bits(model, budget_bits=2.5, sensitivity=sens, importance=True)
     assert weighted.info["predicted_mse"] <= plain.info["predicted_mse"]
