@@ -249,7 +249,7 @@ def run_pipeline_demo(args: argparse.Namespace) -> int:
             images.append(imgs)
             series[key].append((rec.size_bytes, v.image_psnr))
     grid, plot = out / "pipeline_grid.png", out / "pipeline_psnr_vs_size.png"
-    write_grid(grid, variants, images, prompts, cfg.steps, args.seed)
+    write_demo_grid(grid, variants, images, prompts, cfg.steps, args.seed)
     plot_series(plot, series, f"{label}: one budget, joint vs per-component")
     files.update(grid=str(grid), plot=str(plot))
     summary = {"model": label, "variants": [{k: v for k, v in vars(x).items() if k != "recipe"} for x in variants],
