@@ -258,7 +258,8 @@ def run_pipeline_demo(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1))
     else:
         print(table(variants, label, len(target_layers(pipeline_model(pipe)))).replace(
-            "predicted: additive latent PSNR", "predicted: image PSNR on the probe runs (joint)"))
+            "predicted: additive latent PSNR from the probe; measured: latent PSNR on the probe inputs",
+            "predicted: the joint recipe's image PSNR on the probe runs (4 steps)"))
         print("\nfiles:\n" + "\n".join(f"  {k:<34} {v}" for k, v in files.items()))
         print(f"\ndone in {summary['seconds']:.0f} s")
     return 0
