@@ -3,6 +3,8 @@ denoiser in one knapsack, judged on the generated image) against per-component a
 
     python benchmarks/bench_pipeline.py            # the default pipeline (MiniLM + UNet)
     python benchmarks/bench_pipeline.py --fast     # a smoke run (tiny probe, few prompts)
+    python benchmarks/bench_pipeline.py --budgets 2.5               # only that row (and every caption check)
+    python benchmarks/bench_pipeline.py --budgets none --caption-budgets 2.5  # only caption following
 
 At three total budgets (uniform 4-bit per-tensor k-means of both components, 3.0 and 2.5 bits per
 target weight over both, LUTs included; every other parameter at 16 bits) it measures:
@@ -68,12 +70,31 @@ class Settings:
 
 FULL = Settings(4, 2, 4, 2, 12, 36, 7, ("per_tensor", "per_grouped_channel"))
 FAST = Settings(2, 2, 2, 1, 4, 8, 3, ("per_tensor",))
+BUDGETS = {"u4": "uniform 4-bit size", "3": "3.0 bits", "2.5": "2.5 bits"}  # option value -> row label
+
+
+def budget_list(text: str) -> list[str]:
+    """`--budgets 3,2.5` -> the rows' labels, in the table's order; `none`: no row."""
+    if text.strip().lower() == "none":
+        return []
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in BUDGETS]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"unknown budget(s) {unknown or text!r}: choose from {', '.join(BUDGETS)} "
+                                         "(u4: the size of uniform 4-bit), comma-separated, or none")
+    return [label for k, label in BUDGETS.items() if k in keys]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    every = ",".join(BUDGETS)
+    ap.add_argument("--budgets", type=budget_list, default=budget_list(every),
+                    help=f"the image-PSNR rows to measure (default {every}; none: only caption following)")
+    ap.add_argument("--caption-budgets", type=budget_list, default=budget_list(every),
+                    help=f"the joint recipes whose caption following is checked beside 16-bit (default {every}; "
+                         "none: no caption check)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = FAST if args.fast else FULL
@@ -92,13 +113,13 @@ def main() -> None:
     joint_sens = probe_sensitivity(model, probe, cands, n_probes=cfg.probes, seed=SEED)
     joint_probe_s = time.perf_counter() - t
     t = time.perf_counter()
-    own = {
+    own = {  # per-component probes: only the rows' splits need them
         "unet": probe_sensitivity(pipe.unet, make_probe_set(pipe.unet, default_probe_inputs(cfg.unet_samples, SEED)),
                                   cands, n_probes=2, seed=SEED, progress=False),
         "text_encoder": probe_sensitivity(pipe.text_encoder, make_probe_set(pipe.text_encoder, seed=SEED,
                                                                             tokenizer=pipe.tokenizer),
                                           cands, n_probes=4, seed=SEED, progress=False),
-    }
+    } if args.budgets else {}
     own_probe_s = time.perf_counter() - t
 
     dense = {n: Recipe.dense(m, target_layers(m)) for n, m in comps.items()}
@@ -107,12 +128,15 @@ def main() -> None:
     total_numel = sum(numel.values())
     uniform = {k: PipelineRecipe({n: Recipe.from_specs(m, PaletteSpec(k)) for n, m in comps.items()}) for k in NBITS}
     uniform4 = uniform[4].size_bytes
-    budgets = {"uniform 4-bit size": uniform4,
-               "3.0 bits": sum(fixed.values()) + int(3.0 * total_numel / 8),
-               "2.5 bits": sum(fixed.values()) + int(2.5 * total_numel / 8)}
+    budgets = {BUDGETS["u4"]: uniform4, **{BUDGETS[b]: sum(fixed.values()) + int(float(b) * total_numel / 8)
+                                           for b in ("3", "2.5")}}
+    joints = {label: allocate_pipeline(pipe, budget / 1e9, prompts=probe_prompts, n_samples=cfg.samples,
+                                       steps=cfg.steps, sensitivity=joint_sens, candidates=cands, seed=SEED,
+                                       calibrate=False, progress=False)
+              for label, budget in budgets.items() if label in args.budgets + args.caption_budgets}
 
     # -- evaluation: image PSNR of the real pipeline, 20 steps, held-out captions ------------------
-    ref = pipe(eval_prompts, steps=20, seed=SEED)
+    ref = pipe(eval_prompts, steps=20, seed=SEED) if args.budgets else None
     # every candidate palette of every layer, fitted once (all bit-widths of a layer from one pass)
     palettes: dict[tuple, object] = {}
     t = time.perf_counter()
@@ -135,13 +159,9 @@ def main() -> None:
 
     rows = []
     additive = []
-    joints = {}
-    bar = tqdm(total=len(budgets) * (3 + cfg.fractions), desc="evaluate", leave=False)
-    for label, budget in budgets.items():
-        joint = allocate_pipeline(pipe, budget / 1e9, prompts=probe_prompts, n_samples=cfg.samples,
-                                  steps=cfg.steps, sensitivity=joint_sens, candidates=cands, seed=SEED,
-                                  calibrate=False, progress=False)
-        joints[label] = joint
+    bar = tqdm(total=len(args.budgets) * (3 + cfg.fractions), desc="evaluate", leave=False)
+    for label in args.budgets:
+        budget, joint = budgets[label], joints[label]
         row = {"budget": label, "bytes": budget, "joint": (joint.size_bytes, image_psnr(images(joint, eval_prompts), ref))}
         bar.update()
         b = max(k for k in NBITS if uniform[k].size_bytes <= budget * 1.001)  # LUTs: uniform 3-bit is 0.01% over 3.0 b
@@ -176,9 +196,13 @@ def main() -> None:
     bar.close()
     # caption following of the joint recipes' samples beside 16-bit
     cap_scenes = list(held[: cfg.caption_prompts])
-    caps = {"16-bit": score(pipe([s.caption for s in cap_scenes], steps=20, seed=SEED), cap_scenes)}
-    for label, joint in joints.items():
-        caps[f"joint, {label}"] = score(images(joint, [s.caption for s in cap_scenes]), cap_scenes)
+    caps = {}
+    if args.caption_budgets:
+        caps["16-bit"] = score(pipe([s.caption for s in cap_scenes], steps=20, seed=SEED), cap_scenes)
+        tqdm.write(f"caption following, 16-bit: {caps['16-bit']}", file=sys.stderr)
+    for label in args.caption_budgets:
+        caps[f"joint, {label}"] = score(images(joints[label], [s.caption for s in cap_scenes]), cap_scenes)
+        tqdm.write(f"caption following, joint, {label}: {caps[f'joint, {label}']}", file=sys.stderr)
 
     print(f"default pipeline: MiniLM text encoder ({sum(p.numel() for p in pipe.text_encoder.parameters()):,} "
           f"parameters, {numel['text_encoder']:,} in target layers) + UNet "
@@ -207,11 +231,12 @@ def main() -> None:
     for label, add, cal, m20, bits, per in additive:
         print(f"  {label:<20} {add:>7.2f} | {cal:>7.2f} | {m20:>7.2f}   {bits:.2f} b "
               f"(text encoder {per['text_encoder']:.2f}, UNet {per['unet']:.2f})")
-    print(f"\ncaption following on {len(cap_scenes)} held-out captions, 20 steps (the checker):")
-    keys = list(caps["16-bit"])
-    print(f"  {'':<28}" + "".join(f"{k:>13}" for k in keys))
-    for name, res in caps.items():
-        print(f"  {name:<28}" + "".join(f"{100 * res[k]:>12.1f}%" for k in keys))
+    if caps:
+        print(f"\ncaption following on {len(cap_scenes)} held-out captions, 20 steps (the checker):")
+        keys = list(caps["16-bit"])
+        print(f"  {'':<28}" + "".join(f"{k:>13}" for k in keys))
+        for name, res in caps.items():
+            print(f"  {name:<28}" + "".join(f"{100 * res[k]:>12.1f}%" for k in keys))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

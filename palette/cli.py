@@ -277,35 +277,18 @@ def _plot(loaded: Loaded, path: Path, sens, probe, args: argparse.Namespace) -> 
 def cmd_apply(args: argparse.Namespace) -> int:
     """Palettize the model as the recipe says and save it with from_pretrained-ready weights and
     the palettes it carries beside them."""
-    import tempfile
-
-    from .export import export_palettes
-
     if is_pipeline(args.model):  # a pipeline recipe: every component
         from .pipeline_cli import apply
 
         return apply(args)
-    out = _output(args.output, "-o", directory=True)
-    if out.is_dir() and any(out.iterdir()) and not (out / PALETTES_FILE).is_file():
-        raise UsageError(f"-o {out}: an existing folder that `palette apply` did not write (no {PALETTES_FILE}); "
-                         "give a new path (nothing in it is replaced)")
+    out = _applied_target(_output(args.output, "-o", directory=True), "-o")
     loaded = _model(args)
     recipe = _recipe(args, loaded)
     result: dict[str, Any] = {"model": loaded.label, **_recipe_summary(recipe)}
     if args.measure:
         result["measured"] = _measure(loaded, recipe, _probe_set(args, loaded, args.seed))
     palettes = palettize(loaded.model, recipe, progress=not args.quiet)
-    # written whole beside `out`, then moved into place (a previous `palette apply` folder replaced)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        loaded.save_pretrained(tmp)
-        export_palettes(loaded.model, tmp / PALETTES_FILE)
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+    write_applied(out, loaded.save_pretrained, loaded.model)
     result.update(path=str(out), palettized=len(palettes))
     text = (f"palettized {len(palettes)} of {len(recipe.layers)} layers "
             f"({recipe.bits_per_weight:.3f} bits per weight, {_mb(recipe.size_bytes)} as stored)")
@@ -314,6 +297,34 @@ def cmd_apply(args: argparse.Namespace) -> int:
     text += (f"\nwrote {out} (weights equal LUT[indices], dense: load it with from_pretrained; its palettes "
              f"are in {PALETTES_FILE}, which `palette export --model {out}` picks up)")
     return _emit(args, result, text)
+
+
+def _applied_target(out: Path, flag: str) -> Path:
+    """`out` unless it is an existing folder that `palette apply` did not write (nothing in such a
+    folder is replaced)."""
+    if out.is_dir() and any(out.iterdir()) and not (out / PALETTES_FILE).is_file():
+        raise UsageError(f"{flag} {out}: an existing folder that `palette apply` did not write (no {PALETTES_FILE}); "
+                         "give a new path (nothing in it is replaced)")
+    return out
+
+
+def write_applied(out: Path, save_pretrained: Callable[[Path], Any], model: torch.nn.Module) -> None:
+    """Write a palettized model as `palette apply` does: `save_pretrained` and the palettes `model`
+    carries (`PALETTES_FILE`) into a folder beside `out`, moved into place whole (a previous
+    `palette apply` folder replaced)."""
+    import shutil
+    import tempfile
+
+    from .export import export_palettes
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        save_pretrained(tmp)
+        export_palettes(model, tmp / PALETTES_FILE)
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -249,7 +249,7 @@ def run_pipeline_demo(args: argparse.Namespace) -> int:
             images.append(imgs)
             series[key].append((rec.size_bytes, v.image_psnr))
     grid, plot = out / "pipeline_grid.png", out / "pipeline_psnr_vs_size.png"
-    write_grid(grid, variants, images, prompts, cfg.steps, args.seed)
+    write_demo_grid(grid, variants, images, prompts, cfg.steps, args.seed)
     plot_series(plot, series, f"{label}: one budget, joint vs per-component")
     files.update(grid=str(grid), plot=str(plot))
     summary = {"model": label, "variants": [{k: v for k, v in vars(x).items() if k != "recipe"} for x in variants],
@@ -258,7 +258,8 @@ def run_pipeline_demo(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1))
     else:
         print(table(variants, label, len(target_layers(pipeline_model(pipe)))).replace(
-            "predicted: additive latent PSNR", "predicted: image PSNR on the probe runs (joint)"))
+            "predicted: additive latent PSNR from the probe; measured: latent PSNR on the probe inputs",
+            "predicted: the joint recipe's image PSNR on the probe runs (4 steps)"))
         print("\nfiles:\n" + "\n".join(f"  {k:<34} {v}" for k, v in files.items()))
         print(f"\ndone in {summary['seconds']:.0f} s")
     return 0

@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .cli import _emit, _note
+from .cli import UsageError, _emit, _note
 from .models.pipelines import load_pipeline
 from .pipeline import PipelineRecipe, allocate_pipeline, pipeline_model
 from .probe.pipeline_inputs import PROBE_STEPS
@@ -66,46 +66,68 @@ def _load(args: argparse.Namespace) -> tuple[Any, str, PipelineRecipe, dict]:
 
 def apply(args: argparse.Namespace) -> int:
     """Palettize every component and save each as `<output>/<component>/` (save_pretrained) with
-    its palettes beside it."""
-    from .export import export_palettes
-    from .models.load import PALETTES_FILE
+    its palettes beside it, as `palette apply` saves one model."""
+    from .cli import _applied_target, _output, write_applied
 
+    if args.measure:
+        raise UsageError("--measure applies to one model; a pipeline recipe's predicted_psnr is already measured "
+                         "on its images")
+    out = _output(args.output, "-o", directory=True)
     pipe, label, rec, comps = _load(args)
-    rec.apply(pipe, progress=not args.quiet)
-    out = Path(args.output)
-    written = {}
+    owners = {}
     for name in rec.components:
-        module = comps[name]
-        owner = getattr(pipe, "vae", None) if name == "vae_decoder" else module
+        owner = getattr(pipe, "vae", None) if name == "vae_decoder" else comps[name]
         if not hasattr(owner, "save_pretrained"):
-            raise ValueError(f"{name}: {type(owner).__name__} has no save_pretrained; use `palette export`")
-        owner.save_pretrained(out / name)
-        export_palettes(module, out / name / PALETTES_FILE)
+            raise UsageError(f"{name}: {type(owner).__name__} has no save_pretrained; use `palette export`")
+        owners[name] = owner
+        _applied_target(out / name, "-o")
+    rec.apply(pipe, progress=not args.quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, owner in owners.items():
+        write_applied(out / name, owner.save_pretrained, comps[name])
         written[name] = str(out / name)
-    text = "\n".join(_lines(label, rec) + [f"wrote {out}: " + ", ".join(written)])
+    text = "\n".join(_lines(label, rec) + [f"wrote {out}: " + ", ".join(written) + " (each loads with "
+                                           "from_pretrained; `palette export --model <folder>` picks up its palettes)"])
     return _emit(args, {"model": label, "paths": written, **_summary(rec)}, text)
 
 
 def export(args: argparse.Namespace, max_chunk_bytes: int | None) -> int:
-    """One verified mlpackage per component, `<output>/<component>.mlpackage` (chunked on request)."""
+    """One verified mlpackage per component, `<output>/<component>.mlpackage`; with a chunk limit
+    also `<output>/<component>_chunks/` (each component split on its own, every limit checked
+    before anything is converted)."""
+    from .chunking import chunks_needed, layer_bytes_in_order
     from .export import export_coreml
 
-    pipe, label, rec, comps = _load(args)
-    model = pipeline_model(pipe)
-    example = model.example_inputs()
     out = Path(args.output)
     if out.suffix:
-        raise ValueError(f"-o {out}: a pipeline exports to a directory (one .mlpackage per component)")
+        raise UsageError(f"-o {out}: a pipeline exports to a directory (one .mlpackage per component)")
+    pipe, label, rec, comps = _load(args)
+    example = pipeline_model(pipe).example_inputs()
+    predicted = {}
+    if max_chunk_bytes is not None:
+        for name, recipe in rec.components.items():
+            try:
+                predicted[name] = chunks_needed(layer_bytes_in_order(comps[name], recipe, example[name]),
+                                                max_chunk_bytes)
+            except ValueError as e:
+                raise UsageError(f"{name}: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
-    reports = {}
+    reports, lines = {}, _lines(label, rec)
     for name, recipe in rec.components.items():
         _note(args, f"{name}: tracing and converting to Core ML...")
         path = out / f"{name}.mlpackage"
         report = export_coreml(comps[name], path, example[name], recipe=recipe, max_chunk_bytes=max_chunk_bytes)
-        chunks = getattr(report, "chunks", None)
         reports[name] = {"path": str(path), "palettized": report.n_palettized, "kept": report.n_kept,
-                         "weight_file_bytes": report.weight_file_bytes,
-                         **({"chunks": [str(p) for p in chunks.chunk_paths()]} if chunks is not None else {})}
-    text = "\n".join(_lines(label, rec) + [f"  {n}: {r['path']} verified ({r['palettized']} palettized, "
-                                           f"{r['kept']} kept)" for n, r in reports.items()])
-    return _emit(args, {"model": label, "exports": reports, **_summary(rec)}, text)
+                         "stored_palettized_bytes": report.stored_palettized_bytes,
+                         "predicted_palettized_bytes": report.predicted_palettized_bytes,
+                         "weight_file_bytes": report.weight_file_bytes, "verified": True}
+        lines.append(f"  {name}: {report.summary()}")
+        manifest = getattr(report, "chunks", None)
+        if manifest is not None:
+            reports[name]["chunks"] = {"paths": [str(p) for p in manifest.chunk_paths()],
+                                       "weight_bytes": [c.weight_bytes for c in manifest.chunks],
+                                       "total_weight_bytes": manifest.total_weight_bytes,
+                                       "predicted_count": predicted[name], "verified": True}
+            lines.append(f"    predicted {predicted[name]} chunk(s) (chunks_needed), verified read-back")
+    return _emit(args, {"model": label, "exports": reports, **_summary(rec)}, "\n".join(lines))

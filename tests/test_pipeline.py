@@ -217,3 +217,78 @@ def test_cli_refuses_a_missing_or_single_model_recipe_for_a_pipeline(allocated, 
         code = main(["apply", "--model", "default-pipeline", "--recipe", str(recipe), "-o", str(tmp_path / "out")])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("palette: ") and says in err[0]
+
+
+def cli_loads(monkeypatch, pipe: dict):
+    """`--model default-pipeline` loads `pipe` (as an object with attributes, as the loaders give)."""
+    import types
+
+    import palette.pipeline_cli
+
+    obj = types.SimpleNamespace(**pipe)
+    monkeypatch.setattr(palette.pipeline_cli, "load_pipeline", lambda spec: (obj, "tiny pipeline", []))
+    return obj
+
+
+def test_cli_apply_writes_every_component_and_replaces_no_foreign_folder(allocated, tmp_path, monkeypatch,
+                                                                          capsys) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from palette.cli import main
+    from palette.export import load_palettes
+    from palette.models.load import PALETTES_FILE
+
+    _, _, rec = allocated
+    path = tmp_path / "pipeline_recipe.json"
+    rec.save(path)
+    pipe = cli_loads(monkeypatch, tiny_pipeline())
+    foreign = tmp_path / "out" / "unet"
+    foreign.mkdir(parents=True)
+    (foreign / "mine.txt").write_text("keep")
+    code = main(["apply", "--model", "default-pipeline", "--recipe", str(path), "-o", str(tmp_path / "out"), "-q"])
+    assert code == 2 and "did not write" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["unet"]  # checked before anything is written
+    assert [p.name for p in foreign.iterdir()] == ["mine.txt"]
+    out = tmp_path / "applied"
+    for _ in range(2):  # a folder `apply` wrote is replaced
+        assert main(["apply", "--model", "default-pipeline", "--recipe", str(path), "-o", str(out), "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(rec.components)
+    for comp, recipe in rec.components.items():
+        assert set(load_palettes(out / comp / PALETTES_FILE)) == set(recipe.palettized), comp
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    layer = next(iter(rec.components["unet"].palettized))
+    assert torch.equal(dict(unet.named_modules())[layer].weight, dict(pipe.unet.named_modules())[layer].weight)
+
+
+def test_cli_export_converts_the_text_encoder_with_its_mask_and_chunks_it(allocated, tmp_path, monkeypatch,
+                                                                          capsys) -> None:
+    """The text encoder is traced with the prepared additive mask (transformers' builder of it
+    does not convert), which gives the pipeline's own embeddings; the chunks are verified, under
+    the limit, and no more than predicted (Core ML folds constant parts of the parameters, such as
+    the position embeddings of a fixed token count, so the prediction is an upper bound)."""
+    from palette.cli import main
+
+    _, _, rec = allocated
+    pipe = cli_loads(monkeypatch, tiny_pipeline())
+    model = pipeline_model(pipe)
+    ids, mask4 = model.example_inputs()["text_encoder"]
+    assert mask4.shape == (1, 1, 1, ids.shape[1])
+    ids2, mask = model.tokens(["a red circle"])
+    with torch.no_grad():
+        assert torch.equal(pipe.text_encoder(ids, mask4)[0], model.encode(ids2, mask))
+    path = tmp_path / "te_recipe.json"
+    PipelineRecipe({"text_encoder": rec.components["text_encoder"]}).save(path)
+    limit = 2 * pipe.text_encoder.embeddings.word_embeddings.weight.numel() + 64  # the rest needs a second chunk
+    code = main(["export", "--model", "default-pipeline", "--recipe", str(path), "-o", str(tmp_path / "out"),
+                 "--max-chunk-bytes", str(limit), "--json", "-q"])
+    assert code == 0
+    te = json.loads(capsys.readouterr().out)["exports"]["text_encoder"]
+    assert te["verified"] and te["palettized"] == len(rec.components["text_encoder"].palettized) > 0
+    assert te["stored_palettized_bytes"] == te["predicted_palettized_bytes"]
+    chunks = te["chunks"]
+    assert 2 <= len(chunks["paths"]) <= chunks["predicted_count"]
+    assert max(chunks["weight_bytes"]) <= limit and sum(chunks["weight_bytes"]) >= chunks["total_weight_bytes"]
+    code = main(["export", "--model", "default-pipeline", "--recipe", str(path), "-o", str(tmp_path / "small"),
+                 "--max-chunk-bytes", str(limit - 128)])
+    assert code == 2 and "text_encoder: the weight embeddings.word_embeddings.weight alone" in capsys.readouterr().err
+    assert not (tmp_path / "small").exists()  # refused before converting

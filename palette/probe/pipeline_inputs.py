@@ -148,12 +148,17 @@ class PipelineOutput(nn.Module):
 
     @torch.no_grad()
     def example_inputs(self, prompt: str = "a red circle", seed: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Per component, the positional inputs it gets in this pipeline (batch of 1), for tracing."""
+        """Per component, the positional inputs it gets in this pipeline (batch of 1), for tracing to
+        Core ML. A text encoder given an attention mask gets it as the prepared additive mask
+        (batch, 1, 1, tokens): 0 where a token is attended, the dtype's minimum where it is padding
+        (transformers' builder of that mask from the 0/1 one does not convert to Core ML)."""
         ids, mask = self.tokens([prompt])
         cond = self.encode(ids, mask).to(self.unet.dtype)
         noise = self.noise([seed]).to(self.unet.dtype)
         t = torch.tensor([float(self.scheduler.config.num_train_timesteps // 2)])
-        out = {TEXT_ENCODER: (ids, mask) if self.attention_mask else (ids,), DENOISER: (noise, t, cond)}
+        dtype = next(self.text_encoder.parameters()).dtype
+        additive = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        out = {TEXT_ENCODER: (ids, additive) if self.attention_mask else (ids,), DENOISER: (noise, t, cond)}
         if hasattr(self, DECODER):
             out[DECODER] = (noise.to(self.vae_decoder_dtype),)
         return out
