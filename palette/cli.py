@@ -26,7 +26,7 @@ import torch
 from ._checks import check_loaded
 from ._jsonio import check_target, replace_dir
 from .models.load import MODEL_HELP, PALETTES_FILE, Loaded, load_model
-from .models.pipelines import is_pipeline
+from .models.pipelines import DEFAULT_PIPELINE, is_pipeline
 from .palettize import palettize, target_layers
 from .probe.inputs import DEFAULT_SAMPLES
 from .probe.run import PASSES_PER_PROBE
@@ -72,6 +72,15 @@ def _note(args: argparse.Namespace, text: str) -> None:
 def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> int:
     print(json.dumps(result, indent=1, sort_keys=True) if args.json else text)
     return 0
+
+
+def _whole_pipeline(args: argparse.Namespace) -> bool:
+    """Whether `--model` names a whole pipeline to work on: a pipeline folder without `--subfolder`
+    (with it, that one component), or `default-pipeline`."""
+    if args.model == DEFAULT_PIPELINE and args.subfolder:
+        raise UsageError(f"--subfolder applies to a pipeline folder or hub id, not {DEFAULT_PIPELINE}; "
+                         "drop it (or use --model default for the default model's UNet)")
+    return is_pipeline(args.model) and not args.subfolder
 
 
 def _candidates(args: argparse.Namespace) -> Candidates:
@@ -213,7 +222,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         _output(args.apple_json, "--apple-json")
     if args.plot != "none":
         _output(args.plot or out.with_suffix(".png"), "--plot")
-    if is_pipeline(args.model):  # one budget for every component, judged on the images
+    if _whole_pipeline(args):  # one budget for every component, judged on the images
         from .pipeline_cli import allocate
 
         return allocate(args, _candidates(args))
@@ -277,7 +286,7 @@ def _plot(loaded: Loaded, path: Path, sens, probe, args: argparse.Namespace) -> 
 def cmd_apply(args: argparse.Namespace) -> int:
     """Palettize the model as the recipe says and save it with from_pretrained-ready weights and
     the palettes it carries beside them."""
-    if is_pipeline(args.model):  # a pipeline recipe: every component
+    if _whole_pipeline(args):  # a pipeline recipe: every component
         from .pipeline_cli import apply
 
         return apply(args)
@@ -329,7 +338,7 @@ def write_applied(out: Path, save_pretrained: Callable[[Path], Any], model: torc
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a verified Core ML mlpackage, or the palettes as safetensors."""
-    if is_pipeline(args.model):  # one mlpackage per component
+    if _whole_pipeline(args):  # one mlpackage per component
         from .pipeline_cli import export
 
         return export(args, _chunk_bytes(args))
@@ -530,7 +539,7 @@ def _common(model: bool = True) -> argparse.ArgumentParser:
         g = p.add_argument_group("model")
         g.add_argument("--model", required=True, metavar="MODEL", help=MODEL_HELP)
         g.add_argument("--subfolder", metavar="NAME",
-                       help="component of a pipeline: unet, text_encoder, text_encoder_2 or vae")
+                       help="component of a pipeline: unet or transformer, text_encoder, text_encoder_2 or vae")
         g.add_argument("--config", metavar="JSON",
                        help="config.json for a .safetensors --model (default: the one next to it)")
     o = p.add_argument_group("output")

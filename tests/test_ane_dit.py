@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 
-import diffusers
 import pytest
 import torch
 from diffusers.models.attention_processor import (
@@ -32,8 +31,10 @@ from palette.ane.dit_attention import (
     SplitEinsumJointProcessor,
     SplitEinsumLinearProcessor,
 )
-from palette.models.zoo import build, config
+from palette.models.zoo import config
 from palette.palettize import palettize
+
+from dits import tiny
 
 MIN_PSNR = 60.0
 CLASSES = ("sd3", "flux", "pixart", "sana")
@@ -75,20 +76,6 @@ def inputs(name: str, batch: int = 2, masked: bool = True) -> dict[str, object]:
         mask[1:, 4:] = 0
         kwargs["encoder_attention_mask"] = mask
     return kwargs
-
-
-def tiny(name: str, **overrides: object) -> nn.Module:
-    """The zoo's tiny `name` (or its config with `overrides`), qk-norm weights made non-trivial."""
-    if not overrides:
-        return build(name, tiny=True)
-    cls, cfg = config(name, tiny=True)
-    torch.manual_seed(0)
-    model = getattr(diffusers, cls)(**cfg, **overrides).eval()
-    with torch.no_grad():
-        for param_name, p in model.named_parameters():
-            if re.search(r"\.norm_(added_)?[qk]\.", param_name):
-                p.normal_(1.0, 0.3)
-    return model
 
 
 def run(model: nn.Module, kwargs: dict[str, object]) -> torch.Tensor:

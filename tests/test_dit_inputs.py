@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import importlib.util
 import inspect
 import json
@@ -19,14 +18,10 @@ from palette.probe.dit_inputs import FLUX_GUIDANCE, dit_probe_set, example_input
 from palette.models import zoo
 from palette.probe import PROMPTS, make_probe_set
 
+from dits import LATENT, shared_tiny as tiny
+
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("sd3", "sd35-large", "flux-dev", "flux-schnell", "pixart-sigma", "sana")
-LATENT = {"flux-dev": 8, "flux-schnell": 8}  # FLUX's default 128^2 latent is 4096 tokens: slow for a test
-
-
-@functools.cache
-def tiny(name: str) -> nn.Module:
-    return zoo.build(name, tiny=True)
 
 
 def probe(name: str, model: nn.Module | None = None, **kw):

@@ -44,7 +44,7 @@ class Loaded:
 
     model: nn.Module
     label: str
-    kind: str  # "unet", "text", "vae" or "module"
+    kind: str  # "unet", "dit", "text", "vae" or "module"
     example: tuple[torch.Tensor, ...] = ()  # example inputs for Core ML export (batch of 1)
     probe_extra: dict[str, Any] = field(default_factory=dict)  # text_encoder / tokenizer / scheduler
     make_inputs: Callable[[int, int], Any] | None = None  # (samples, seed) -> probe inputs
@@ -113,10 +113,11 @@ def _read_config(name: str, subfolder: str | None, local: bool) -> dict[str, Any
         cfg = root / (subfolder or "") / "config.json"
         if not cfg.is_file():
             if (root / "model_index.json").is_file():
-                parts = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
-                raise LoadError(
-                    f"{name} is a pipeline; choose a component with --subfolder ({', '.join(parts)})"
-                )
+                parts = ", ".join(sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()))
+                if subfolder:
+                    raise LoadError(f"--subfolder {subfolder}: {name} has no such component (no "
+                                    f"{subfolder}/config.json); its components: {parts}")
+                raise LoadError(f"{name} is a pipeline; choose a component with --subfolder ({parts})")
             raise LoadError(f"{cfg} not found: --model must be a from_pretrained directory")
         return _config_dict(read_json(cfg, "config.json"), cfg)
     from huggingface_hub import hf_hub_download
@@ -135,7 +136,7 @@ def _read_config(name: str, subfolder: str | None, local: bool) -> dict[str, Any
     except EntryNotFoundError:
         raise LoadError(
             f"{name} has no {subfolder + '/' if subfolder else ''}config.json; for a pipeline choose "
-            "a component with --subfolder (unet, text_encoder, vae)"
+            "a component with --subfolder (unet or transformer, text_encoder, vae)"
         ) from None
     except OSError as e:  # repository not found, gated, or a network failure
         raise LoadError(f"cannot load {name} from the hub: {e}") from None
@@ -233,8 +234,12 @@ def _tokenizer(name: str, subfolder: str | None) -> Any:
 def _wrap_diffusers(model: nn.Module, label: str, root: str, subfolder: str | None) -> Loaded:
     from diffusers import UNet2DConditionModel
 
+    from ..probe.dit_inputs import is_dit
+
     if isinstance(model, UNet2DConditionModel):
         return Loaded(model, label, "unet", _unet_example(model), _pipeline_parts(model, root, subfolder))
+    if is_dit(model):  # data-free inputs with the pipeline's own noise schedule (its text encoders stay unloaded)
+        return Loaded(model, label, "dit", probe_extra=_pipeline_scheduler(root) if subfolder else {})
     if hasattr(model, "decoder") and hasattr(model.config, "latent_channels"):
         dec = VaeDecoder(model).eval()
         size = int(dec.sample_size if isinstance(dec.sample_size, int) else dec.sample_size[0]) // 8
@@ -271,6 +276,19 @@ def _pipeline_parts(unet: nn.Module, root: str, subfolder: str | None) -> dict[s
     except (OSError, ValueError):
         pass
     return parts
+
+
+def _pipeline_scheduler(root: str) -> dict[str, Any]:
+    """The pipeline's scheduler (the class its `scheduler/scheduler_config.json` names), for the
+    noise levels of a diffusion transformer's synthesised probe inputs; {} when it has none."""
+    import diffusers
+
+    try:
+        cfg = diffusers.DDPMScheduler.load_config(root, subfolder="scheduler")  # any scheduler's config file
+        cls = getattr(diffusers, str(cfg.get("_class_name")), None)
+        return {"scheduler": cls.from_config(cfg)} if cls is not None else {}
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
 def _load_safetensors(path: Path, config: str | None) -> Loaded:
