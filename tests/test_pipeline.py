@@ -264,8 +264,8 @@ def test_cli_export_converts_the_text_encoder_with_its_mask_and_chunks_it(alloca
                                                                           capsys) -> None:
     """The text encoder is traced with the prepared additive mask (transformers' builder of it
     does not convert), which gives the pipeline's own embeddings; the chunks are verified, under
-    the limit, and no more than predicted (Core ML folds constant parts of the parameters, such as
-    the position embeddings of a fixed token count, so the prediction is an upper bound)."""
+    the limit, and no more than predicted (for this text encoder the converter folds constants:
+    the package stores less than the recipe counts)."""
     from palette.cli import main
 
     _, _, rec = allocated
