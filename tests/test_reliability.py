@@ -295,7 +295,8 @@ def test_ctrl_c_mid_clustering_and_mid_probe_exits_130_and_keeps_files(tmp_path,
     model = _tiny_bert(tmp_path / "m")
     out = tmp_path / "sens.json"
     out.write_text("the user's own file")
-    proc = _cli("analyze", "--model", str(model), "-o", str(out), "--samples", "4", "--probes", "64",
+    # enough work (4096 passes) that the interrupt lands mid-run, however fast the passes are
+    proc = _cli("analyze", "--model", str(model), "-o", str(out), "--samples", "16", "--probes", "256",
                 "--cache", str(tmp_path / "cache"), cwd=tmp_path)
     rc, err = _interrupt_when(proc, marker)
     assert marker in err, err[-2000:]
