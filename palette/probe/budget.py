@@ -2,9 +2,10 @@
 candidates and one measured forward pass, checked against what the machine (or the device) has.
 
 Peak = the model (already resident) + what one unit's forward holds for the backward passes
-(measured: saved activations and target layers' inputs) + every layer's compact candidates (exact) + the largest layer's transients (its
-per-sample gradients and their folds). Time = one unit's forward (measured) x units x (1 + K x
-the backward factor) + clustering (from the weight count).
+(measured: saved activations and target layers' inputs) + every layer's compact candidates
+(exact) + the largest layer's transients (its per-sample gradients and their folds). Time = one
+unit's forward (measured) x units x (1 + K x the backward factor) + clustering (from the weight
+count).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ._binsum import MIN_TASKS
 from .sketch import is_value_function
 
 GB = 1e9
-BACKWARD_FACTOR = 3.0  # a pass (input gradients, per-sample weight gradients, folds) / a forward
+BACKWARD_FACTOR = 4.0  # a pass (input gradients, per-sample weight gradients, folds) / a forward (SD 1.5)
 CLUSTER_NS = {"per_tensor": 15.0, "per_grouped_channel": 100.0}  # all six bit-widths, per weight
 OVERHEAD = 600_000_000  # the interpreter, torch, numba and their arenas
 N_KEYS = 1 << 16
