@@ -3,9 +3,11 @@ each per-sample gradient row into its sums per (LUT group, fp16 value rank) and 
 with the weight's fp16 rounding, `<g, fp16(W) - W>` -- what `sketch.Streamed` does with several
 torch ops (float64 copies, rank lookups, bins, a bincount) that each walk the whole weight.
 
-The work is split into fixed tasks (a group, or a slice of one when there are few groups), each
-with its own partial sums, then added in task order: the result does not depend on the number of
-threads.
+Two kernels: `bin_sums` gives the dense sums per (group, rank) (for few groups); `prefix_at_bounds`
+gives, for many groups, only the prefix sums at each group's LUT bounds, each group's sums living
+in its task's scratch. The work is split into fixed tasks (a group, or a slice of one when there
+are few groups), each with its own partial sums, then added in task order: the result does not
+depend on the number of threads.
 """
 
 from __future__ import annotations

@@ -35,9 +35,9 @@ def default_probes(n_samples: int) -> int:
     """Backward passes (random projections) per sample when none are asked: about 32 in all, at
     least 2 per sample. Measured (RESULTS, accuracy against cost): at equal cost more samples with
     fewer passes each rank layers better than few samples with many passes; 32 in all rank layers
-    at Spearman >= 0.95 on both reference models at a cost that keeps the probe >= 20x cheaper than
-    Apple's sweep on a ~30-layer UNet. The uncalibrated additive prediction is noisier than with
-    more passes; `allocate_bits` calibrates (measures) by default."""
+    at Spearman >= 0.95 (4 bits) on both reference models and keep SD 1.5 within 30 minutes on 2
+    CPU cores. The uncalibrated additive prediction is noisier than with more passes;
+    `allocate_bits` calibrates (measures) by default."""
     return max(2, math.ceil(PASSES_PER_PROBE / n_samples))
 
 
