@@ -5,9 +5,10 @@ torch ops (float64 copies, rank lookups, bins, a bincount) that each walk the wh
 
 Two kernels: `bin_sums` gives the dense sums per (group, rank) (for few groups); `prefix_at_bounds`
 gives, for many groups, only the prefix sums at each group's LUT bounds, each group's sums living
-in its task's scratch. The work is split into fixed tasks (a group, or a slice of one when there
-are few groups), each with its own partial sums, then added in task order: the result does not
-depend on the number of threads.
+in its task's scratch, and from the same walk the sums over all groups (the per-tensor grouping's).
+The work is split into fixed tasks (a group or a slice of one when there are few groups; a fixed
+set of groups when there are many), each with its own partial sums, then added in task order: the
+result does not depend on the number of threads.
 """
 
 from __future__ import annotations
@@ -49,28 +50,34 @@ def _tasks_serial(bits, g, w, rank_of_bits, value_of_bits, bounds, hist, resid):
 
 
 @nb.njit(parallel=True, cache=True)
-def _prefix_at_bounds(bits, g, w, rank_of_bits, value_of_bits, values, sorted_bounds, s_out, u_out, resid):
-    """Per group (a task each): its rows summed per rank in a scratch of its own, then the prefix
-    sums of the sums and of sums x value at every bound (ascending), and the fp16 residual."""
+def _prefix_at_bounds(bits, g, w, rank_of_bits, value_of_bits, values, sorted_bounds, s_out, u_out, resid, whole):
+    """Per lane (a task each, taking every lanes-th group): each group's rows summed per rank in the
+    lane's scratch, then the prefix sums of the sums and of sums x value at every bound
+    (ascending), the fp16 residual, and, when `whole` has lanes, the lane's sums over its groups."""
     rows, numel = g.shape
     n_groups, n_bounds = sorted_bounds.shape
     n_ranks = values.shape[0]
     per_group = numel // n_groups
-    for grp in nb.prange(n_groups):
-        hist = np.zeros((rows, n_ranks))
-        _fold(bits, g, w, rank_of_bits, value_of_bits, grp * per_group, (grp + 1) * per_group, hist, resid[grp])
-        for r in range(rows):
-            s = 0.0
-            u = 0.0
-            k = 0
-            for pos in range(n_ranks + 1):
-                while k < n_bounds and sorted_bounds[grp, k] == pos:
-                    s_out[r, grp, k] = s
-                    u_out[r, grp, k] = u
-                    k += 1
-                if pos < n_ranks:
-                    s += hist[r, pos]
-                    u += hist[r, pos] * values[pos]
+    lanes = resid.shape[0]
+    for lane in nb.prange(lanes):
+        hist = np.empty((rows, n_ranks))
+        for grp in range(lane, n_groups, lanes):
+            hist[:] = 0.0
+            _fold(bits, g, w, rank_of_bits, value_of_bits, grp * per_group, (grp + 1) * per_group, hist, resid[lane])
+            for r in range(rows):
+                s = 0.0
+                u = 0.0
+                k = 0
+                for pos in range(n_ranks + 1):
+                    while k < n_bounds and sorted_bounds[grp, k] == pos:
+                        s_out[r, grp, k] = s
+                        u_out[r, grp, k] = u
+                        k += 1
+                    if pos < n_ranks:
+                        s += hist[r, pos]
+                        u += hist[r, pos] * values[pos]
+            if whole.shape[0]:
+                whole[lane] += hist
 
 
 def _value_of_bits() -> np.ndarray:
@@ -111,18 +118,24 @@ def bin_sums(w: torch.Tensor, gs: torch.Tensor, rank_of_bits: torch.Tensor, n_ra
 
 
 def prefix_at_bounds(w: torch.Tensor, gs: torch.Tensor, rank_of_bits: torch.Tensor, values: torch.Tensor,
-                     sorted_bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     sorted_bounds: torch.Tensor, whole: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """For CPU tensors and many groups: with H the per-sample gradients summed per (group, rank)
     bin, the prefix sums of H and of H x `values` (the ranks' fp16 values) at every bound of
-    `sorted_bounds` (groups, T) int64, ascending per group: two (b, groups, T) float64; and (b,)
-    `<g_s, fp16(W) - W>`. The dense (groups, ranks) sums are never made: each group keeps its own
-    in a scratch while its task runs."""
+    `sorted_bounds` (groups, T) int64, ascending per group: two (b, groups, T) float64; (b,)
+    `<g_s, fp16(W) - W>`; and, if `whole`, H summed over the groups, (b, 1, ranks) float64 (the
+    one-group grouping's sums from the same walk), else None. The dense (groups, ranks) sums are
+    never made: the groups are split over `MIN_TASKS` lanes, each keeping one group's sums at a
+    time in a scratch of its own."""
     wf, bits, g = _arrays(w, gs)
     rows = g.shape[0]
     n_groups, n_bounds = sorted_bounds.shape
+    lanes = min(n_groups, MIN_TASKS)
     s_out = np.empty((rows, n_groups, n_bounds))
     u_out = np.empty((rows, n_groups, n_bounds))
-    resid = np.zeros((n_groups, rows))
+    resid = np.zeros((lanes, rows))
+    sums = np.zeros((lanes if whole else 0, rows, len(values)))
     _prefix_at_bounds(bits, g, wf, rank_of_bits.numpy(), VALUE_OF_BITS, values.numpy(), sorted_bounds.numpy(),
-                      s_out, u_out, resid)
-    return torch.from_numpy(s_out), torch.from_numpy(u_out), torch.from_numpy(resid.sum(0))
+                      s_out, u_out, resid, sums)
+    total = torch.from_numpy(sums.sum(0)[:, None, :]) if whole else None
+    return torch.from_numpy(s_out), torch.from_numpy(u_out), torch.from_numpy(resid.sum(0)), total

@@ -147,13 +147,13 @@ def candidate_bytes(shape: tuple[int, ...], specs: list[PaletteSpec]) -> int:
 def transient_bytes(shape: tuple[int, ...], specs: list[PaletteSpec], batch: int) -> int:
     """The largest working set of one layer's backward hook (`sketch.Thresholds.folded`): its
     output gradient and per-sample weight gradients (float32), the weight's fp16 bit patterns, per
-    sample the sums per distinct value of a few tasks' slices (float64), and the prefix sums at
-    every group's LUT bounds."""
+    sample the sums per distinct value of a few tasks' slices and of the lanes' sums over their groups
+    (float64), and the prefix sums at every group's LUT bounds."""
     numel = math.prod(shape)
     scalar = [s for s in specs if is_value_function(s)]
     groups = max((s.n_groups(shape[0]) for s in scalar), default=0)
     bounds = sum(s.n_entries + 1 for s in scalar)
-    tasks = MIN_TASKS + 2 + torch.get_num_threads()
+    tasks = 2 * MIN_TASKS + torch.get_num_threads()
     return 4 * numel * (batch + 1) + 2 * numel + 8 * batch * (tasks * min(numel, N_KEYS) + 2 * groups * bounds)
 
 

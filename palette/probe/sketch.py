@@ -244,16 +244,19 @@ class Thresholds:
         s, u = s.diff(dim=2), u.diff(dim=2)
         return (self.lut * s - u).sum(1) @ self.member
 
-    def folded(self, values: LayerValues, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def folded(self, values: LayerValues, w: torch.Tensor, gs: torch.Tensor, whole: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """On the CPU, straight from the per-sample gradients `gs` of weight `w`: (rows,
-        candidates) and (rows,) <g_s, fp16(W) - W>. Many groups: prefix sums at the bounds, each
-        group's sums in a scratch of its own (`_binsum.prefix_at_bounds`); few: the dense sums."""
+        candidates), (rows,) <g_s, fp16(W) - W> and, if `whole`, the gradients summed per rank over
+        all groups (rows, 1, D) -- what a one-group grouping needs -- from the same walk. Many
+        groups: prefix sums at the bounds, each group's sums in a scratch of its own
+        (`_binsum.prefix_at_bounds`); few: the dense sums."""
         if self.groups < MIN_TASKS:
             hist, resid = bin_sums(w, gs, values.by_bits, values.n, self.groups)
-            return self(values, hist), resid
-        s, u, resid = prefix_at_bounds(w, gs, values.by_bits, values.values, self.sorted_index)
+            return self(values, hist), resid, hist.sum(1, keepdim=True) if whole else None
+        s, u, resid, total = prefix_at_bounds(w, gs, values.by_bits, values.values, self.sorted_index, whole)
         unsort = self.unsort.expand(len(gs), -1, -1)
-        return self.combine(s.gather(2, unsort), u.gather(2, unsort)), resid
+        return self.combine(s.gather(2, unsort), u.gather(2, unsort)), resid, total
 
 
 class Streamed:
@@ -294,12 +297,16 @@ class Streamed:
         return hists, fp16_residual(w, g64)
 
     def __call__(self, w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor]:
-        """(b, candidates) float64: <g_s, dW> for every sample and candidate. On the CPU each
-        grouping is one compiled pass over the weight (`Thresholds.folded`); elsewhere torch ops."""
+        """(b, candidates) float64: <g_s, dW> for every sample and candidate. On the CPU one
+        compiled pass over the weight serves the finest grouping and the one-group grouping
+        (`Thresholds.folded`), another any other grouping; elsewhere torch ops."""
         out = torch.empty(gs.shape[0], self.n, dtype=torch.float64, device=gs.device)
         if self.scalar and gs.device.type in COMPILED_DEVICES:
-            for cols, th in self.scalar:
-                vals, resid = th.folded(self.values, w, gs)
+            (cols, finest), rest = self.scalar[0], self.scalar[1:]
+            vals, resid, total = finest.folded(self.values, w, gs, whole=any(th.groups == 1 for _, th in rest))
+            out[:, cols] = vals + resid[:, None]
+            for cols, th in rest:  # the one-group grouping from the finest's walk; others walk again
+                vals = th(self.values, total) if th.groups == 1 else th.folded(self.values, w, gs)[0]
                 out[:, cols] = vals + resid[:, None]
         elif self.scalar:
             hists, resid = self._hists(w, gs)
