@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inputs import PROMPTS, ProbeSet, _alphas_cumprod, _latent_like, _text_like, main_output
+from .inputs import DEFAULT_SAMPLES, PROMPTS, ProbeSet, _alphas_cumprod, _latent_like, _text_like, main_output
 
 CLIP_TOKENS = 77
 SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length
@@ -162,7 +162,7 @@ def dit_probe_set(
     model: nn.Module,
     *,
     seed: int = 0,
-    n_samples: int = 8,
+    n_samples: int = DEFAULT_SAMPLES,
     batch_size: int | None = None,
     text_encoders: nn.Module | Sequence[nn.Module] | None = None,
     tokenizers: Any = None,

@@ -33,11 +33,13 @@ PASSES_PER_PROBE = 32  # random projections over all samples when K is not given
 
 def default_probes(n_samples: int) -> int:
     """Backward passes (random projections) per sample when none are asked: about 32 in all, at
-    least 2 per sample. Measured (RESULTS, accuracy against cost): at equal cost more samples with
-    fewer passes each rank layers better than few samples with many passes; 32 in all rank layers
-    at Spearman >= 0.95 (4 bits) on both reference models and keep SD 1.5 within 30 minutes on 2
-    CPU cores. The uncalibrated additive prediction is noisier than with more passes;
-    `allocate_bits` calibrates (measures) by default."""
+    least 2 per sample (2 at the default 16 samples). Measured (RESULTS, accuracy against cost): at
+    equal cost more samples with fewer passes each rank layers better than few samples with many
+    passes (16 x 2 beats 8 x 4 on MiniLM); 32 in all rank layers at Spearman >= 0.95 (4 bits) on
+    both reference models. A sample's forward is cheap next to a pass (about 3 forwards at SD
+    scale), so 16 x 2 costs about what 8 x 4 does while Apple's sweep, which runs over every
+    sample, costs twice as much. The uncalibrated additive prediction is noisier than with more
+    passes; `allocate_bits` calibrates (measures) by default."""
     return max(2, math.ceil(PASSES_PER_PROBE / n_samples))
 
 
