@@ -17,6 +17,7 @@ from torch import nn
 from palette import PaletteSpec, allocate_bits, probe_sensitivity
 from palette.cli import EXIT_USAGE, main
 from palette.probe import Sensitivity, make_probe_set, measure
+from palette.probe.inputs import DEFAULT_SAMPLES
 from palette.recipe import Recipe
 from palette.testing import assert_fits_budget
 
@@ -41,7 +42,7 @@ def test_data_free_allocation_measures_what_it_predicts(cls: str) -> None:
     inputs = probe if name in LATENT else None
     sens = probe_sensitivity(model, inputs, progress=False)
     assert sens.inputs_description == probe.description
-    assert probe.description.startswith(f"synthesised for {cls}: 8 noisy latent-like samples")
+    assert probe.description.startswith(f"synthesised for {cls}: {DEFAULT_SAMPLES} noisy latent-like samples")
     assert all(np.nanmin(e) >= 0 and np.isfinite(np.nanmax(e)) for e in sens.errors.values())
 
     recipe = allocate_bits(model, budget_bits=4, sensitivity=sens, inputs=inputs, progress=False)

@@ -3,9 +3,10 @@ each per-sample gradient row into its sums per (LUT group, fp16 value rank) and 
 with the weight's fp16 rounding, `<g, fp16(W) - W>` -- what `sketch.Streamed` does with several
 torch ops (float64 copies, rank lookups, bins, a bincount) that each walk the whole weight.
 
-Two kernels: `bin_sums` gives the dense sums per (group, rank) (for few groups); `prefix_at_bounds`
-gives, for many groups, only the prefix sums at each group's LUT bounds, each group's sums living
-in its task's scratch, and from the same walk the sums over all groups (the per-tensor grouping's).
+Two walks: `bin_sums` gives the dense sums per (group, rank) (for few groups; `combine_dense` then
+takes them to every candidate's <g, dW>); `group_folds`, for many groups, goes straight to the
+candidates' terms, each group's sums living in its task's scratch, and from the same walk gives
+the sums over all groups (the per-tensor grouping's).
 The work is split into fixed tasks (a group or a slice of one when there are few groups; a fixed
 set of groups when there are many), each with its own partial sums, then added in task order: the
 result does not depend on the number of threads.
@@ -49,33 +50,55 @@ def _tasks_serial(bits, g, w, rank_of_bits, value_of_bits, bounds, hist, resid):
         _fold(bits, g, w, rank_of_bits, value_of_bits, bounds[t, 0], bounds[t, 1], hist[t], resid[t])
 
 
+@nb.njit(cache=True)
+def _runs(hist, values, index, lut, owner, prefix, out):
+    """Add one group's sum_j lut_j S_j - U_j into `out` (rows, candidates): S and U the sums of
+    `hist` (rows, ranks) and of hist x value over position j's run of ranks [index[j],
+    index[j + 1]) (`owner[j]`: its candidate, -1 for the seam between two candidates); `prefix`
+    (2, ranks + 1) is scratch for the prefix sums."""
+    n_ranks = values.shape[0]
+    for r in range(hist.shape[0]):
+        s = 0.0
+        u = 0.0
+        prefix[0, 0] = 0.0
+        prefix[1, 0] = 0.0
+        for pos in range(n_ranks):
+            s += hist[r, pos]
+            u += hist[r, pos] * values[pos]
+            prefix[0, pos + 1] = s
+            prefix[1, pos + 1] = u
+        for j in range(owner.shape[0]):
+            c = owner[j]
+            if c >= 0:
+                a = index[j]
+                b = index[j + 1]
+                out[r, c] += lut[j] * (prefix[0, b] - prefix[0, a]) - (prefix[1, b] - prefix[1, a])
+
+
+@nb.njit(cache=True)
+def _combine_dense(hist, values, index, lut, owner, out):
+    prefix = np.empty((2, values.shape[0] + 1))
+    for grp in range(hist.shape[1]):
+        _runs(hist[:, grp], values, index[grp], lut[grp], owner, prefix, out)
+
+
 @nb.njit(parallel=True, cache=True)
-def _prefix_at_bounds(bits, g, w, rank_of_bits, value_of_bits, values, sorted_bounds, s_out, u_out, resid, whole):
+def _group_folds(bits, g, w, rank_of_bits, value_of_bits, values, index, lut, owner, out, resid, whole):
     """Per lane (a task each, taking every lanes-th group): each group's rows summed per rank in the
-    lane's scratch, then the prefix sums of the sums and of sums x value at every bound
-    (ascending), the fp16 residual, and, when `whole` has lanes, the lane's sums over its groups."""
+    lane's scratch and turned into its candidates' terms (`_runs`), added into the lane's `out`;
+    the fp16 residual; and, when `whole` has lanes, the lane's sums over its groups."""
     rows, numel = g.shape
-    n_groups, n_bounds = sorted_bounds.shape
+    n_groups = index.shape[0]
     n_ranks = values.shape[0]
     per_group = numel // n_groups
     lanes = resid.shape[0]
     for lane in nb.prange(lanes):
         hist = np.empty((rows, n_ranks))
+        prefix = np.empty((2, n_ranks + 1))
         for grp in range(lane, n_groups, lanes):
             hist[:] = 0.0
             _fold(bits, g, w, rank_of_bits, value_of_bits, grp * per_group, (grp + 1) * per_group, hist, resid[lane])
-            for r in range(rows):
-                s = 0.0
-                u = 0.0
-                k = 0
-                for pos in range(n_ranks + 1):
-                    while k < n_bounds and sorted_bounds[grp, k] == pos:
-                        s_out[r, grp, k] = s
-                        u_out[r, grp, k] = u
-                        k += 1
-                    if pos < n_ranks:
-                        s += hist[r, pos]
-                        u += hist[r, pos] * values[pos]
+            _runs(hist, values, index[grp], lut[grp], owner, prefix, out[lane])
             if whole.shape[0]:
                 whole[lane] += hist
 
@@ -117,25 +140,29 @@ def bin_sums(w: torch.Tensor, gs: torch.Tensor, rank_of_bits: torch.Tensor, n_ra
     return torch.from_numpy(np.ascontiguousarray(hist)), torch.from_numpy(resid.sum(0))
 
 
-def prefix_at_bounds(w: torch.Tensor, gs: torch.Tensor, rank_of_bits: torch.Tensor, values: torch.Tensor,
-                     sorted_bounds: torch.Tensor, whole: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """For CPU tensors and many groups: with H the per-sample gradients summed per (group, rank)
-    bin, the prefix sums of H and of H x `values` (the ranks' fp16 values) at every bound of
-    `sorted_bounds` (groups, T) int64, ascending per group: two (b, groups, T) float64; (b,)
-    `<g_s, fp16(W) - W>`; and, if `whole`, H summed over the groups, (b, 1, ranks) float64 (the
-    one-group grouping's sums from the same walk), else None. The dense (groups, ranks) sums are
-    never made: the groups are split over `MIN_TASKS` lanes, each keeping one group's sums at a
-    time in a scratch of its own."""
+def combine_dense(hist: torch.Tensor, values: torch.Tensor, index: np.ndarray, lut: np.ndarray, owner: np.ndarray,
+                  n_candidates: int) -> torch.Tensor:
+    """(rows, candidates) float64 sum_j lut_j S_j - U_j from the dense per-(group, rank) sums
+    `hist` (rows, groups, ranks) float64 (`sketch.Thresholds` gives index, lut, owner)."""
+    out = np.zeros((hist.shape[0], n_candidates))
+    _combine_dense(hist.numpy(), values.numpy(), index, lut, owner, out)
+    return torch.from_numpy(out)
+
+
+def group_folds(w: torch.Tensor, gs: torch.Tensor, rank_of_bits: torch.Tensor, values: torch.Tensor,
+                index: np.ndarray, lut: np.ndarray, owner: np.ndarray, n_candidates: int, whole: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For CPU tensors and many groups, what `bin_sums` then `combine_dense` give without the dense
+    (groups, ranks) sums: (b, candidates) float64, (b,) `<g_s, fp16(W) - W>`, and, if `whole`, the
+    sums per rank over all groups, (b, 1, ranks) float64 (the one-group grouping's, from the same
+    walk), else None. The groups are split over `MIN_TASKS` lanes, each keeping one group's sums
+    at a time in a scratch of its own."""
     wf, bits, g = _arrays(w, gs)
     rows = g.shape[0]
-    n_groups, n_bounds = sorted_bounds.shape
-    lanes = min(n_groups, MIN_TASKS)
-    s_out = np.empty((rows, n_groups, n_bounds))
-    u_out = np.empty((rows, n_groups, n_bounds))
+    lanes = min(index.shape[0], MIN_TASKS)
+    out = np.zeros((lanes, rows, n_candidates))
     resid = np.zeros((lanes, rows))
     sums = np.zeros((lanes if whole else 0, rows, len(values)))
-    _prefix_at_bounds(bits, g, wf, rank_of_bits.numpy(), VALUE_OF_BITS, values.numpy(), sorted_bounds.numpy(),
-                      s_out, u_out, resid, sums)
+    _group_folds(bits, g, wf, rank_of_bits.numpy(), VALUE_OF_BITS, values.numpy(), index, lut, owner, out, resid, sums)
     total = torch.from_numpy(sums.sum(0)[:, None, :]) if whole else None
-    return torch.from_numpy(s_out), torch.from_numpy(u_out), torch.from_numpy(resid.sum(0)), total
+    return torch.from_numpy(out.sum(0)), torch.from_numpy(resid.sum(0)), total

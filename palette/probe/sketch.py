@@ -20,7 +20,7 @@ from .. import metadata
 from .._exact1d import KEY_VALUES
 from ..cluster import Palette
 from ..spec import PaletteSpec
-from ._binsum import MIN_TASKS, bin_sums, prefix_at_bounds
+from ._binsum import MIN_TASKS, bin_sums, combine_dense, group_folds
 
 N_KEYS = 1 << 16  # fp16 bit patterns
 COMPILED_DEVICES = ("cpu",)  # where the folds run the compiled pass (`_binsum`); torch ops elsewhere
@@ -221,11 +221,12 @@ class Thresholds:
         # a run of candidate owner[j], or the seam between two candidates (owner -1: not counted)
         self.index = torch.cat(bounds, 1)
         self.lut = torch.cat(weights, 1)[:, :-1]
-        owner_t = torch.tensor(owner[:-1], device=device)
-        self.member = (owner_t[:, None] == torch.arange(len(luts), device=device)).double()
-        order = torch.argsort(self.index, dim=1, stable=True)  # for prefix sums taken in rank order
-        self.sorted_index = self.index.gather(1, order)
-        self.unsort = torch.argsort(order, dim=1)
+        self.owner = np.array(owner[:-1], dtype=np.int64)
+        self.n_candidates = len(luts)
+        self.member = (torch.from_numpy(self.owner).to(device)[:, None] == torch.arange(len(luts), device=device)).double()
+        if self.index.device.type == "cpu":  # the compiled folds' contiguous views
+            self._index_np = self.index.numpy()
+            self._lut_np = np.ascontiguousarray(self.lut.numpy())
 
     def __call__(self, values: LayerValues, hist: torch.Tensor) -> torch.Tensor:
         """(rows, candidates) float64 sum_j lut_j S_j - U_j for gradient rows summed per (group,
@@ -235,28 +236,25 @@ class Thresholds:
         sums[0, ..., 1:] = hist
         torch.mul(hist, values.values, out=sums[1, ..., 1:])
         sums.cumsum_(3)  # runs of ranks [a, b) sum to s[b] - s[a]
-        s, u = sums.gather(3, self.index.expand(2, b, -1, -1))
-        return self.combine(s, u)
-
-    def combine(self, s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """(rows, candidates) from the prefix sums of H and of H x value at every bound of
-        `index`, (rows, groups, T) each."""
-        s, u = s.diff(dim=2), u.diff(dim=2)
+        s, u = sums.gather(3, self.index.expand(2, b, -1, -1)).diff(dim=3)
         return (self.lut * s - u).sum(1) @ self.member
+
+    def dense(self, values: LayerValues, hist: torch.Tensor) -> torch.Tensor:
+        """What calling this gives, compiled (CPU tensors)."""
+        return combine_dense(hist, values.values, self._index_np, self._lut_np, self.owner, self.n_candidates)
 
     def folded(self, values: LayerValues, w: torch.Tensor, gs: torch.Tensor, whole: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """On the CPU, straight from the per-sample gradients `gs` of weight `w`: (rows,
         candidates), (rows,) <g_s, fp16(W) - W> and, if `whole`, the gradients summed per rank over
         all groups (rows, 1, D) -- what a one-group grouping needs -- from the same walk. Many
-        groups: prefix sums at the bounds, each group's sums in a scratch of its own
-        (`_binsum.prefix_at_bounds`); few: the dense sums."""
+        groups: each group's sums in a scratch of its own, taken to its terms at once
+        (`_binsum.group_folds`); few: the dense sums."""
         if self.groups < MIN_TASKS:
             hist, resid = bin_sums(w, gs, values.by_bits, values.n, self.groups)
-            return self(values, hist), resid, hist.sum(1, keepdim=True) if whole else None
-        s, u, resid, total = prefix_at_bounds(w, gs, values.by_bits, values.values, self.sorted_index, whole)
-        unsort = self.unsort.expand(len(gs), -1, -1)
-        return self.combine(s.gather(2, unsort), u.gather(2, unsort)), resid, total
+            return self.dense(values, hist), resid, hist.sum(1, keepdim=True) if whole else None
+        return group_folds(w, gs, values.by_bits, values.values, self._index_np, self._lut_np, self.owner,
+                           self.n_candidates, whole)
 
 
 class Streamed:
@@ -306,7 +304,7 @@ class Streamed:
             vals, resid, total = finest.folded(self.values, w, gs, whole=any(th.groups == 1 for _, th in rest))
             out[:, cols] = vals + resid[:, None]
             for cols, th in rest:  # the one-group grouping from the finest's walk; others walk again
-                vals = th(self.values, total) if th.groups == 1 else th.folded(self.values, w, gs)[0]
+                vals = th.dense(self.values, total) if th.groups == 1 else th.folded(self.values, w, gs)[0]
                 out[:, cols] = vals + resid[:, None]
         elif self.scalar:
             hists, resid = self._hists(w, gs)
@@ -324,7 +322,7 @@ class Streamed:
     @property
     def nbytes(self) -> int:
         """Bytes this layer's candidates hold during the passes."""
-        compact = sum(t.nbytes for _, th in self.scalar for t in (th.index, th.lut, th.member, th.sorted_index, th.unsort))
+        compact = sum(t.nbytes for _, th in self.scalar for t in (th.index, th.lut, th.member, th.owner))
         table = 0 if self.values is None else self.values.by_bits.nbytes + self.values.values.nbytes
         return compact + table + sum(p.indices.nbytes + p.lut.nbytes for _, p in self.other)
 
