@@ -5,6 +5,7 @@ time and memory only, nothing here measures quality).
     python benchmarks/bench_scale.py --model sd15                       # the defaults, on the CPU
     python benchmarks/bench_scale.py --model sdxl --sample-size 64 --samples 2
     python benchmarks/bench_scale.py --model sd15 --device cuda         # ready for a GPU
+    python benchmarks/bench_scale.py --model sd15-narrow                # about 30 MBP candidates
 
 Prints the probe's own estimate (peak memory, time) beside what the process measured (peak RSS from
 the kernel, or the CUDA allocator's peak; wall time), the probe's forward-equivalents, and Apple's
@@ -30,7 +31,10 @@ from palette.probe import probe_sensitivity  # noqa: E402
 from palette.probe.measure import outputs  # noqa: E402
 from palette.recipe import APPLE_MIN_NUMEL  # noqa: E402
 
-MODELS = {"sd15": ("sd15-unet", 1.5), "sdxl": ("sdxl-unet", 2.0)}  # architecture, budget GB
+# architecture, budget GB, config overrides. sd15-narrow: SD 1.5's layout at a tenth of its widths
+# and one layer per block, 157 target layers of which 27 above 1e5 weights (MBP's candidates)
+MODELS = {"sd15": ("sd15-unet", 1.5, {}), "sdxl": ("sdxl-unet", 2.0, {}),
+          "sd15-narrow": ("sd15-unet", 0.008, {"block_out_channels": (32, 64, 128, 256), "layers_per_block": 1})}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -50,10 +54,10 @@ def main() -> None:
     ap.add_argument("--budget-gb", type=float, default=None)
     ap.add_argument("--cache", default=None, help="probe cache directory (resumable)")
     args = ap.parse_args()
-    arch, budget = MODELS[args.model]
+    arch, budget, overrides = MODELS[args.model]
     device = torch.device(args.device)
     t0 = time.perf_counter()
-    unet = build(arch, device=device)
+    unet = build(arch, device=device, overrides=overrides)
     params = sum(p.numel() for p in unet.parameters())
     targets = target_layers(unet)
     n_mbp = sum(m.weight.numel() >= APPLE_MIN_NUMEL for m in targets.values())

@@ -139,12 +139,14 @@ def config(name: str, tiny: bool = False) -> tuple[str, dict[str, Any]]:
     return cls, dict(small if tiny else full)
 
 
-def build(name: str, tiny: bool = False, seed: int = 0, device: str | torch.device | None = None) -> nn.Module:
-    """The architecture `name` with seeded random weights (every Linear/Conv weight N(0, 1/fan_in)),
-    in eval mode; the global RNG state is left as it was."""
+def build(name: str, tiny: bool = False, seed: int = 0, device: str | torch.device | None = None,
+          overrides: dict[str, Any] | None = None) -> nn.Module:
+    """The architecture `name` (its config updated with `overrides`) with seeded random weights
+    (every Linear/Conv weight N(0, 1/fan_in)), in eval mode; the global RNG state is left as it was."""
     import diffusers
 
     cls_name, cfg = config(name, tiny)
+    cfg.update(overrides or {})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device or "cpu"):
