@@ -102,6 +102,14 @@ def test_cli_allocates_and_analyzes_the_transformer_of_a_pipeline_folder(tmp_pat
     assert main(["analyze", *common, "-o", str(sens_out)]) == 0
     assert set(Sensitivity.load(sens_out).layers) == set(recipe.layers)
 
+    # exported with data-free example inputs, read back and checked bit for bit against the recipe
+    package = tmp_path / "transformer.mlpackage"
+    capsys.readouterr()
+    assert main(["export", "--model", str(root), "--subfolder", "transformer", "--recipe", str(out), "-o", str(package),
+                 "-q", "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["verified"] and exported["palettized"] == len(recipe.palettized) and package.is_dir()
+
     capsys.readouterr()
     code = main(["allocate", "--model", str(root), "--subfolder", "transfomer", "--budget-bits", "4",
                  "-o", str(tmp_path / "other.json"), "--plot", "none"])

@@ -7,6 +7,7 @@ Used by the command line and the demo."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Callable
@@ -45,7 +46,7 @@ class Loaded:
     model: nn.Module
     label: str
     kind: str  # "unet", "dit", "text", "vae" or "module"
-    example: tuple[torch.Tensor, ...] = ()  # example inputs for Core ML export (batch of 1)
+    example: tuple[torch.Tensor, ...] | dict[str, Any] = ()  # Core ML export's example inputs (batch of 1)
     probe_extra: dict[str, Any] = field(default_factory=dict)  # text_encoder / tokenizer / scheduler
     make_inputs: Callable[[int, int], Any] | None = None  # (samples, seed) -> probe inputs
     owner: nn.Module | None = None  # what save_pretrained writes (the whole VAE for its decoder)
@@ -239,7 +240,8 @@ def _wrap_diffusers(model: nn.Module, label: str, root: str, subfolder: str | No
     if isinstance(model, UNet2DConditionModel):
         return Loaded(model, label, "unet", _unet_example(model), _pipeline_parts(model, root, subfolder))
     if is_dit(model):  # data-free inputs with the pipeline's own noise schedule (its text encoders stay unloaded)
-        return Loaded(model, label, "dit", probe_extra=_pipeline_scheduler(root) if subfolder else {})
+        extra = _pipeline_scheduler(root) if subfolder else {}
+        return Loaded(model, label, "dit", _dit_example(model, extra.get("scheduler")), probe_extra=extra)
     if hasattr(model, "decoder") and hasattr(model.config, "latent_channels"):
         dec = VaeDecoder(model).eval()
         size = int(dec.sample_size if isinstance(dec.sample_size, int) else dec.sample_size[0]) // 8
@@ -347,6 +349,15 @@ def _unet_example(unet: nn.Module, seq: int = 77) -> tuple[torch.Tensor, ...]:
         torch.tensor([500.0]),
         torch.randn((1, seq, cfg.cross_attention_dim), generator=gen),
     )
+
+
+def _dit_example(model: nn.Module, scheduler: Any) -> dict[str, Any]:
+    """A transformer's data-free sample (batch 1, the pipeline's default resolution) by keyword, for
+    export: its tensors become the Core ML inputs."""
+    from ..probe.dit_inputs import example_input
+
+    ex = example_input(model, scheduler=scheduler)
+    return {**dict(zip(inspect.signature(model.forward).parameters, ex.args)), **ex.kwargs}
 
 
 def _text_example(model: nn.Module) -> tuple[torch.Tensor, ...]:
