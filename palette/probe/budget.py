@@ -2,7 +2,8 @@
 candidates and one measured forward pass, checked against what the machine (or the device) has.
 
 Peak = the model (already resident) + what one unit's forward holds for the backward passes
-(measured: saved activations and target layers' inputs) + every layer's compact candidates
+(measured: saved activations and target layers' inputs) + the backward's working set (twice the
+largest saved tensor: its gradient and the op's temporaries) + every layer's compact candidates
 (exact) + the largest layer's transients (its per-sample gradients and their folds). Time = one
 unit's forward (measured) x units x (1 + K x the backward factor) + clustering (from the weight
 count).
@@ -10,6 +11,7 @@ count).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
 from collections.abc import Mapping
@@ -36,6 +38,7 @@ class ProbeEstimate:
 
     weights: int
     activations: int
+    backward: int  # the backward's working set beyond the saved activations
     candidates: int
     transient: int
     forward_seconds: float
@@ -46,7 +49,7 @@ class ProbeEstimate:
     @property
     def needed(self) -> int:
         """Memory the probe adds to the resident model."""
-        return self.activations + self.candidates + self.transient + OVERHEAD
+        return self.activations + self.backward + self.candidates + self.transient + OVERHEAD
 
     @property
     def peak(self) -> int:
@@ -55,7 +58,8 @@ class ProbeEstimate:
     def summary(self) -> str:
         return (
             f"probe estimate on {self.device}: peak {self.peak / GB:.1f} GB (model {self.weights / GB:.1f}, "
-            f"activations {self.activations / GB:.2f}, candidates {self.candidates / GB:.2f}, "
+            f"activations {self.activations / GB:.2f}, backward {self.backward / GB:.2f}, "
+            f"candidates {self.candidates / GB:.2f}, "
             f"largest layer {self.transient / GB:.2f}); about {self.seconds / 60:.1f} min "
             f"(one forward {self.forward_seconds:.1f} s); {self.available / GB:.1f} GB available"
         )
@@ -66,7 +70,8 @@ class ProbeEstimate:
             return
         raise ValueError(
             f"the probe needs about {self.needed / GB:.1f} GB beyond the model (activations "
-            f"{self.activations / GB:.1f}, candidates {self.candidates / GB:.1f}, largest layer "
+            f"{self.activations / GB:.1f}, backward {self.backward / GB:.1f}, candidates "
+            f"{self.candidates / GB:.1f}, largest layer "
             f"{self.transient / GB:.1f}, overhead {OVERHEAD / GB:.1f}) and {self.device} has "
             f"{self.available / GB:.1f} GB free. Options that need less: one sample per batch "
             "(make_probe_set(..., batch_size=1), CLI --batch-size 1), per_tensor candidates only "
@@ -74,6 +79,16 @@ class ProbeEstimate:
             "resolution (make_probe_set(..., sample_size=...), --sample-size), fewer samples, or a "
             "device with more memory (model.to('cuda'), --device cuda)"
         )
+
+
+def release_freed() -> None:
+    """Hand the memory freed since the last call back to the operating system (glibc's
+    `malloc_trim`): what clustering and a unit's passes free otherwise stays in the allocator's
+    arenas and counts in the process's resident size. A no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def available_bytes(device: torch.device) -> int:
@@ -88,10 +103,11 @@ def available_bytes(device: torch.device) -> int:
         return 1 << 62
 
 
-def activation_bytes(model: nn.Module, probe: ProbeSet, targets: Mapping[str, nn.Module]) -> tuple[int, float]:
-    """(bytes held for the backward passes, seconds) of the first unit's forward as the probe runs
-    it: the parameters frozen, every target layer's output a graph leaf; what autograd saves and
-    the target layers' inputs (the per-sample weight gradients need them), each storage once."""
+def activation_bytes(model: nn.Module, probe: ProbeSet, targets: Mapping[str, nn.Module]) -> tuple[int, int, float]:
+    """(bytes held for the backward passes, the largest of those storages, seconds) of the first
+    unit's forward as the probe runs it: the parameters frozen, every target layer's output a graph
+    leaf; what autograd saves and the target layers' inputs (the per-sample weight gradients need
+    them), each storage once."""
     from ..palettize import untouched
 
     sizes: dict[tuple, int] = {}
@@ -126,7 +142,8 @@ def activation_bytes(model: nn.Module, probe: ProbeSet, targets: Mapping[str, nn
         del out
         kept.clear()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for (ptr, _), n in sizes.items() if ptr not in params), seconds
+    held = [n for (ptr, _), n in sizes.items() if ptr not in params]
+    return sum(held), max(held, default=0), seconds
 
 
 def candidate_bytes(shape: tuple[int, ...], specs: list[PaletteSpec]) -> int:
@@ -169,7 +186,7 @@ def estimate(
     device = next(model.parameters()).device
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    activations, forward_s = activation_bytes(model, probe, targets)
+    activations, largest, forward_s = activation_bytes(model, probe, targets)
     shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
     cands = sum(candidate_bytes(shapes[n], ok_specs[n]) for n in targets)
     batch = max(1, probe.batch_size)
@@ -178,5 +195,5 @@ def estimate(
     numel = sum(math.prod(s) for s in shapes.values())
     cluster_s = sum(CLUSTER_NS[g] for g in grans) * numel * 1e-9
     seconds = forward_s * units * (1 + BACKWARD_FACTOR * n_probes) + cluster_s
-    return ProbeEstimate(weights, activations, cands, transient, forward_s, seconds, available_bytes(device),
+    return ProbeEstimate(weights, activations, 2 * largest, cands, transient, forward_s, seconds, available_bytes(device),
                          str(device))

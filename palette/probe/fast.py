@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..cluster import Palette, fit_luts_batch, fit_palettes_batch
 from ..recipe import batches
 from ..spec import PaletteSpec
+from .budget import release_freed
 from .passes import run_passes
 from .shard import Shard
 from .sketch import Scorer, SketchFold, Streamed, ValueIndex, fold_probes, group_rows, is_value_function
@@ -84,6 +85,7 @@ def probe_streamed(model, targets, probe, cand, ok_specs, store, n_probes, seed,
         folds.update(cached)
         bar.update(len(chunk))
     bar.close()
+    release_freed()  # the clustering's working memory
     if shard.world > 1:
         parts = shard.gather((folds, cluster_s))
         folds = {n: f for part, _ in parts for n, f in part.items()}
@@ -101,6 +103,7 @@ def probe_streamed(model, targets, probe, cand, ok_specs, store, n_probes, seed,
                 errs[n] = fold_probes(z, sample, n_probes, len(peak)) / size[:, None]
             done = {"errors": errs, "peak": peak, "size": size, "importance": imp}
             store.save_tensors(f"unit-{u}.pt", done)
+            release_freed()  # the unit's graph and gradients
         mine[u] = done
         bar.update(1)
     bar.close()
