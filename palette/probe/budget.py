@@ -161,17 +161,14 @@ def candidate_bytes(shape: tuple[int, ...], specs: list[PaletteSpec]) -> int:
     return total
 
 
-def transient_bytes(shape: tuple[int, ...], specs: list[PaletteSpec], batch: int) -> int:
+def transient_bytes(shape: tuple[int, ...], batch: int) -> int:
     """The largest working set of one layer's backward hook (`sketch.Thresholds.folded`): its
-    output gradient and per-sample weight gradients (float32), the weight's fp16 bit patterns, per
-    sample the sums per distinct value of a few tasks' slices and of the lanes' sums over their groups
-    (float64), and the prefix sums at every group's LUT bounds."""
+    output gradient and per-sample weight gradients (float32), the weight's fp16 bit patterns, and
+    per sample the sums per distinct value of the tasks' slices (few groups) or of the lanes'
+    scratches and their sums over all groups (many), float64."""
     numel = math.prod(shape)
-    scalar = [s for s in specs if is_value_function(s)]
-    groups = max((s.n_groups(shape[0]) for s in scalar), default=0)
-    bounds = sum(s.n_entries + 1 for s in scalar)
     tasks = 2 * MIN_TASKS + torch.get_num_threads()
-    return 4 * numel * (batch + 1) + 2 * numel + 8 * batch * (tasks * min(numel, N_KEYS) + 2 * groups * bounds)
+    return 4 * numel * (batch + 1) + 2 * numel + 8 * batch * tasks * min(numel, N_KEYS)
 
 
 def estimate(
@@ -190,7 +187,7 @@ def estimate(
     shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
     cands = sum(candidate_bytes(shapes[n], ok_specs[n]) for n in targets)
     batch = max(1, probe.batch_size)
-    transient = max(transient_bytes(shapes[n], ok_specs[n], batch) for n in targets)
+    transient = max(transient_bytes(shapes[n], batch) for n in targets)
     grans = {s.granularity for specs in ok_specs.values() for s in specs}
     numel = sum(math.prod(s) for s in shapes.values())
     cluster_s = sum(CLUSTER_NS[g] for g in grans) * numel * 1e-9
