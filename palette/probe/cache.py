@@ -17,10 +17,13 @@ from torch import nn
 
 from .._jsonio import LoadError, atomic_path, read_json, write_atomic
 
+FORMAT = 2  # raised whenever what the cache pickles (sketch.Streamed, unit results) changes shape
+
 
 def fingerprint(targets: dict[str, nn.Module], specs, method, seed, n_probes, description) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([method, seed, n_probes, description, [s.to_dict() for s in specs]], sort_keys=True).encode())
+    h.update(json.dumps([FORMAT, method, seed, n_probes, description, [s.to_dict() for s in specs]],
+                        sort_keys=True).encode())
     for n, m in targets.items():
         w = m.weight.detach()
         h.update(f"{n}{tuple(w.shape)}{w.dtype}{float(w.double().sum())!r}{float(w.double().abs().sum())!r}".encode())

@@ -220,13 +220,12 @@ class Thresholds:
         # every candidate's bounds side by side: position j's run is [index[:, j], index[:, j + 1]),
         # a run of candidate owner[j], or the seam between two candidates (owner -1: not counted)
         self.index = torch.cat(bounds, 1)
-        self.lut = torch.cat(weights, 1)[:, :-1]
+        self.lut = torch.cat(weights, 1)[:, :-1].contiguous()
         self.owner = np.array(owner[:-1], dtype=np.int64)
         self.n_candidates = len(luts)
         self.member = (torch.from_numpy(self.owner).to(device)[:, None] == torch.arange(len(luts), device=device)).double()
-        if self.index.device.type == "cpu":  # the compiled folds' contiguous views
-            self._index_np = self.index.numpy()
-            self._lut_np = np.ascontiguousarray(self.lut.numpy())
+        if self.index.device.type == "cpu":  # numpy views for the compiled folds
+            self._index_np, self._lut_np = self.index.numpy(), self.lut.numpy()
 
     def __call__(self, values: LayerValues, hist: torch.Tensor) -> torch.Tensor:
         """(rows, candidates) float64 sum_j lut_j S_j - U_j for gradient rows summed per (group,
@@ -240,7 +239,7 @@ class Thresholds:
         return (self.lut * s - u).sum(1) @ self.member
 
     def dense(self, values: LayerValues, hist: torch.Tensor) -> torch.Tensor:
-        """What calling this gives, compiled (CPU tensors)."""
+        """`self(values, hist)` computed by compiled code (CPU tensors)."""
         return combine_dense(hist, values.values, self._index_np, self._lut_np, self.owner, self.n_candidates)
 
     def folded(self, values: LayerValues, w: torch.Tensor, gs: torch.Tensor, whole: bool = False
