@@ -38,7 +38,7 @@ from .spec import PaletteSpec
 FORMAT = "palette.pipeline_recipe"
 VERSION = 1
 DEFAULT_GUIDANCE = 7.5  # diffusers' Stable Diffusion default, for pipelines that do not say
-EXTRAS = ("tokenizer", "scheduler", "guidance_scale", "max_tokens", "attention_mask")
+EXTRAS = ("tokenizer", "scheduler", "guidance_scale", "max_tokens", "attention_mask", "denoise")
 
 
 def _uses_mask(text_encoder: nn.Module) -> bool:
@@ -57,7 +57,8 @@ def pipeline_model(pipeline: Any, *, steps: int = PROBE_STEPS, guidance_scale: f
     `pipeline`: a `PipelineOutput`, a diffusers pipeline or palette's `DefaultPipeline` (attributes
     `text_encoder`, `unet`, `vae` (optional), `tokenizer`, `scheduler`), or a mapping of named
     components (`text_encoder`, `unet`, `vae_decoder` or `vae`) with `tokenizer` and `scheduler`
-    (and optionally `guidance_scale`, `max_tokens`, `attention_mask`)."""
+    (and optionally `guidance_scale`, `max_tokens`, `attention_mask`, and `denoise(x, t,
+    text_states)`: how the pipeline calls its denoiser, when it is not a UNet's call)."""
     if isinstance(pipeline, PipelineOutput):
         return pipeline if steps == pipeline.steps else pipeline.with_steps(steps)
     if isinstance(pipeline, Mapping):
@@ -80,7 +81,7 @@ def pipeline_model(pipeline: Any, *, steps: int = PROBE_STEPS, guidance_scale: f
     g = guidance_scale if guidance_scale is not None else extras.get("guidance_scale", DEFAULT_GUIDANCE)
     mask = extras.get("attention_mask", _uses_mask(parts["text_encoder"]))
     return PipelineOutput(parts, extras["tokenizer"], extras["scheduler"], steps=steps, guidance_scale=float(g),
-                          max_tokens=extras.get("max_tokens"), attention_mask=bool(mask))
+                          max_tokens=extras.get("max_tokens"), attention_mask=bool(mask), denoise=extras.get("denoise"))
 
 
 @dataclass

@@ -292,3 +292,33 @@ def test_cli_export_converts_the_text_encoder_with_its_mask_and_chunks_it(alloca
                  "--max-chunk-bytes", str(limit - 128)])
     assert code == 2 and "text_encoder: the weight embeddings.word_embeddings.weight alone" in capsys.readouterr().err
     assert not (tmp_path / "small").exists()  # refused before converting
+
+
+def test_a_transformer_pipeline_with_its_own_denoiser_call_is_allocated_jointly() -> None:
+    """A flow-matching pipeline whose denoiser is an SD3 transformer, called the pipeline's way
+    (`denoise`: its pooled text embedding, here the mean text state), with SD3's Euler scheduler:
+    one knapsack over text encoder, transformer and VAE decoder fits the budget and leaves the
+    pipeline as it was; exporting it whole says to export the transformer on its own."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import BertConfig, BertModel
+
+    from palette.models.zoo import build
+
+    pipe = tiny_pipeline()
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        pipe["text_encoder"] = BertModel(BertConfig(vocab_size=pipe["tokenizer"].vocab_size, hidden_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                                    max_position_embeddings=32)).eval()
+    sd3 = build("sd3", tiny=True, overrides={"pooled_projection_dim": 64, "sample_size": 8})
+    pipe.update(unet=sd3, scheduler=FlowMatchEulerDiscreteScheduler(),
+                denoise=lambda x, t, cond: sd3(x, encoder_hidden_states=cond, pooled_projections=cond.mean(1),
+                                               timestep=t.reshape(-1).expand(len(x))))
+    before = state(pipe)
+    rec = allocate_bits(pipe, budget_bits=3.0, candidates=CANDS, n_probes=2, seed=0, progress=False,
+                        inputs=["a red circle", "a blue square"])
+    assert isinstance(rec, PipelineRecipe) and set(rec.components) == {"text_encoder", "unet", "vae_decoder"}
+    assert rec.bits_per_weight <= 3.0 and rec.components["unet"].palettized
+    assert same_state(before, state(pipe))
+    with pytest.raises(ValueError, match="export the denoiser on its own"):
+        pipeline_model(pipe).example_inputs()

@@ -15,7 +15,7 @@ halves of guidance run as two calls, not one doubled batch, so per-sample gradie
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,7 +53,9 @@ def check_components(components: Mapping[str, Any]) -> None:
     component is a torch module."""
     unknown = [n for n in components if n not in COMPONENTS]
     if unknown:
-        hint = " (diffusion transformers are not supported yet)" if "transformer" in unknown else ""
+        hint = (" (a diffusion transformer goes under 'unet', with the pipeline's own call as 'denoise(x, t, "
+                "text_states)'; pipelines of several text encoders, as SD3's and FLUX's, are not supported yet)"
+                if "transformer" in unknown else "")
         raise ValueError(f"unknown pipeline component(s) {unknown}{hint}: a pipeline has {list(COMPONENTS)}")
     for need in (DENOISER, TEXT_ENCODER):
         if components.get(need) is None:
@@ -70,7 +72,9 @@ class PipelineOutput(nn.Module):
     `tokenizer` and `scheduler` are the pipeline's own (the scheduler is copied from its config at
     every call, so the pipeline's is never stepped); `max_tokens` pads every prompt to that many
     tokens (default: the tokenizer's `model_max_length`); `attention_mask` passes the mask to the
-    text encoder (MiniLM: yes; SD's CLIP: no)."""
+    text encoder (MiniLM: yes; SD's CLIP: no); `denoise(x, t, text_states)` is how the pipeline calls
+    its denoiser (default: a UNet's `unet(x, t, encoder_hidden_states=...)`), e.g. a diffusion
+    transformer with its pooled text embedding."""
 
     def __init__(
         self,
@@ -83,6 +87,7 @@ class PipelineOutput(nn.Module):
         max_tokens: int | None = None,
         attention_mask: bool = False,
         sample_size: int | None = None,
+        denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None,
     ) -> None:
         super().__init__()
         check_components(components)
@@ -95,6 +100,7 @@ class PipelineOutput(nn.Module):
         self.steps, self.guidance_scale = int(steps), float(guidance_scale)
         self.max_tokens = max_tokens or getattr(tokenizer, "model_max_length", 77)
         self.attention_mask = attention_mask
+        self.denoise = denoise
         cfg = self.unet.config
         self.sample_size = int(sample_size or cfg.sample_size)
 
@@ -106,7 +112,8 @@ class PipelineOutput(nn.Module):
         """The same components (shared, not copied) run with another number of sampler steps."""
         return PipelineOutput(self.components, self.tokenizer, self.scheduler, steps=steps,
                               guidance_scale=self.guidance_scale, max_tokens=self.max_tokens,
-                              attention_mask=self.attention_mask, sample_size=self.sample_size)
+                              attention_mask=self.attention_mask, sample_size=self.sample_size,
+                              denoise=self.denoise)
 
     # -- inputs --------------------------------------------------------------------------------
     def tokens(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +159,10 @@ class PipelineOutput(nn.Module):
         Core ML. A text encoder given an attention mask gets it as the prepared additive mask
         (batch, 1, 1, tokens): 0 where a token is attended, the dtype's minimum where it is padding
         (transformers' builder of that mask from the 0/1 one does not convert to Core ML)."""
+        if self.denoise is not None:
+            raise ValueError("this pipeline calls its denoiser its own way (a diffusion transformer): export "
+                             "the denoiser on its own with its example inputs (export_coreml, or palette export "
+                             "--subfolder transformer)")
         ids, mask = self.tokens([prompt])
         cond = self.encode(ids, mask).to(self.unet.dtype)
         noise = self.noise([seed]).to(self.unet.dtype)
@@ -176,17 +187,22 @@ class PipelineOutput(nn.Module):
         uncond = self.encode(uncond_ids, uncond_mask).to(dtype) if guided else None
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(self.steps)
-        x = noise.float() * scheduler.init_noise_sigma
+        x = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: unscaled noise
         for t in scheduler.timesteps:
-            inp = scheduler.scale_model_input(x, t).to(dtype)
-            eps = main_output(self.unet(inp, t, encoder_hidden_states=cond))
+            inp = (scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x).to(dtype)
+            eps = self._denoised(inp, t, cond)
             if guided:
-                eps_u = main_output(self.unet(inp, t, encoder_hidden_states=uncond))
+                eps_u = self._denoised(inp, t, uncond)
                 eps = eps_u + self.guidance_scale * (eps - eps_u)
             x = scheduler.step(eps, t, x).prev_sample
         if hasattr(self, DECODER):
             x = main_output(self.vae_decoder((x / self.vae_decoder.scaling_factor).to(self.vae_decoder_dtype)))
         return x.float().clamp(-1, 1)
+
+    def _denoised(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.denoise is None:
+            return main_output(self.unet(x, t, encoder_hidden_states=cond))
+        return main_output(self.denoise(x, t, cond))
 
     @property
     def vae_decoder_dtype(self) -> torch.dtype:
