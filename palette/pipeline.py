@@ -38,6 +38,7 @@ from .spec import PaletteSpec
 FORMAT = "palette.pipeline_recipe"
 VERSION = 1
 DEFAULT_GUIDANCE = 7.5  # diffusers' Stable Diffusion default, for pipelines that do not say
+REFINE_ROUNDS = 2  # default rounds of the measured correction (`refine_recipe`) for a pipeline
 EXTRAS = ("tokenizer", "scheduler", "guidance_scale", "max_tokens", "attention_mask")
 
 
@@ -220,6 +221,7 @@ def allocate_pipeline(
     n_probes: int | None = None,
     seed: int = 0,
     calibrate: bool = True,
+    refine: int | None = None,
     cache: str | None = None,
     progress: bool = True,
 ) -> PipelineRecipe:
@@ -238,7 +240,8 @@ def allocate_pipeline(
         sensitivity = probe_sensitivity(model, probe, candidates, method=method, n_probes=n_probes, seed=seed,
                                         cache=cache, progress=progress)
     joint = allocate_bits(model, budget_gb, budget_bits=budget_bits, inputs=probe, sensitivity=sensitivity,
-                          candidates=candidates, seed=seed, calibrate=calibrate, progress=progress)
+                          candidates=candidates, seed=seed, calibrate=calibrate,
+                          refine=REFINE_ROUNDS if refine is None else refine, progress=progress)
     joint.info["pipeline"] = {"components": list(model.components), "steps": steps,
                               "guidance_scale": model.guidance_scale, "samples": n_samples}
     return split_recipe(joint, model, sensitivity)
