@@ -9,7 +9,9 @@ fits, then spends what is left on the single-layer switch that saves the most, u
 
 `allocate(sensitivity, base, budget)` is pure (no model run): it turns a sensitivity and the
 model's all-16-bit recipe into a recipe. `allocate_bits(model, budget_gb=...)` is the one-call
-convenience: probe -> allocate -> `calibrate_recipe` (run the chosen recipe once on the probe set).
+convenience: probe -> allocate -> `calibrate_recipe` (run the chosen recipe once on the probe set),
+or `refine_recipe` (a measured correction where layers' errors interact: knapsack again with each
+group's errors scaled by its measured / additive ratio, keep the recipe that measures best).
 """
 
 from __future__ import annotations
@@ -403,7 +405,9 @@ def allocate_bits(
     importance, and keeps it (its LUT stored in the recipe) only where it predicts less error.
     `calibrate=True` makes the recipe measured on the probe set its `predicted_psnr`; without the
     probe set (a `sensitivity` from inputs not given here) the additive estimate is kept and
-    `info["calibration"]` says why. The model is not modified (`untouched`: run in eval mode, every
+    `info["calibration"]` says why. `refine`: rounds of the measured correction for interacting
+    layers (`refine_recipe`, in place of `calibrate_recipe`; needs `calibrate` and the probe set;
+    default 0 for one model, 2 for a pipeline). The model is not modified (`untouched`: run in eval mode, every
     training flag and buffer restored, also on an exception or Ctrl-C).
 
     Given a pipeline (a diffusers pipeline, the default pipeline, or a mapping of named components)

@@ -5,7 +5,7 @@ layer judged on the generated image.
 pipeline as one module (`PipelineOutput`: prompts and seeded noise -> a few sampler steps with the
 pipeline's own scheduler -> the image), probes every layer of every component against that one
 output, runs one knapsack over all of them (`allocate_bits` on that module) with the measured
-calibration, and splits the joint recipe by component into a `PipelineRecipe`: one `Recipe` per
+correction for interacting layers and calibration (`refine_recipe`), and splits the joint recipe by component into a `PipelineRecipe`: one `Recipe` per
 component (names as in the component, so each applies and exports on its own) and the total.
 
 Errors are comparable across components because they are all the same quantity: the change of the
@@ -232,8 +232,10 @@ def allocate_pipeline(
     weight over all components. Probe runs: `n_samples` prompts (`prompts`, else the built-in
     list) with seeds `seed`, `seed + 1`, ..., `steps` steps of the pipeline's own scheduler.
     `calibrate` runs the recipe's pipeline once on those inputs and makes that its
-    `predicted_psnr` (the additive estimate stays in `info["additive_psnr"]`). The pipeline is not
-    modified."""
+    `predicted_psnr` (the additive estimate stays in `info["additive_psnr"]`); with it, `refine`
+    rounds (default `REFINE_ROUNDS`) of the measured correction for interacting layers
+    (`refine_recipe`: per-component measured / additive error ratios, knapsack again, the best
+    recipe measured on the probe runs kept). The pipeline is not modified."""
     model = pipeline_model(pipeline, steps=steps, guidance_scale=guidance_scale)
     probe = model.probe_set(prompts, seed=seed, n_samples=n_samples)
     if sensitivity is None:
