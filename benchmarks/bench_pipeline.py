@@ -9,7 +9,8 @@ denoiser in one knapsack, judged on the generated image) against per-component a
 At three total budgets (uniform 4-bit per-tensor k-means of both components, 3.0 and 2.5 bits per
 target weight over both, LUTs included; every other parameter at 16 bits) it measures:
 - joint: `allocate_pipeline` (probe of the whole pipeline: 4 DPM-Solver++ steps, guidance 3, on
-  training-split captions with seeds 0..; one knapsack; calibrated);
+  training-split captions with seeds 0..; one knapsack; the measured correction and calibration on
+  the probe runs, its defaults); "uncorrected": the same without the correction (`refine=0`);
 - uniform: per-tensor k-means at the bits that fit (4, 3, 2: the largest within the budget);
 - proportional: palette's per-component allocation (the UNet probed on its latents, MiniLM on its
   hidden states, as `palette allocate` does) with the room for palettized weights split in
@@ -17,8 +18,12 @@ target weight over both, LUTs included; every other parameter at 16 bits) it mea
 - swept: the same per-component allocations at 9 fractions of the room given to the text encoder
   (evenly over the feasible range); the best one, chosen on the held-out images themselves (an
   oracle no user has).
-Image PSNR (uint8, peak 255, per image, averaged) against the 16-bit pipeline on held-out captions,
-same seeds, 20 steps; caption following (the checker) of the joint recipe's samples beside 16-bit.
+Image PSNR (uint8, peak 255, per image, averaged) against the 16-bit pipeline on held-out captions
+(set A), same seeds, 20 steps; caption following (the checker) of the joint recipe's samples beside
+16-bit. Selection on the test set: every recipe also on a second, disjoint set of held-out captions
+(set B, never used to choose anything), and measured on the probe runs (Apple's PSNR, 4 steps: what
+a user can measure), so the split chosen on A, the split the probe runs choose, and the joint
+recipe are compared on B.
 It also prints how well the additive prediction holds (Apple's PSNR on the float images: additive
 sum at 4 steps, measured at 4 steps on the probe runs, measured at 20 steps on held-out captions).
 """
@@ -63,13 +68,14 @@ class Settings:
     steps: int  # sampler steps of the joint probe
     unet_samples: int  # default_probe_inputs scenes (x 6 timesteps)
     prompts: int  # held-out captions for image PSNR
-    caption_prompts: int  # held-out captions for caption following
+    caption_prompts: int  # held-out captions for caption following (the first ones: set A is among them)
+    second_prompts: int  # held-out captions of set B (after the caption-following ones)
     fractions: int
     granularities: tuple[str, ...]
 
 
-FULL = Settings(4, 2, 4, 2, 12, 36, 7, ("per_tensor", "per_grouped_channel"))
-FAST = Settings(2, 2, 2, 1, 4, 8, 3, ("per_tensor",))
+FULL = Settings(4, 2, 4, 2, 12, 36, 36, 7, ("per_tensor", "per_grouped_channel"))
+FAST = Settings(2, 2, 2, 1, 4, 8, 4, 3, ("per_tensor",))
 BUDGETS = {"u4": "uniform 4-bit size", "3": "3.0 bits", "2.5": "2.5 bits"}  # option value -> row label
 
 
@@ -95,6 +101,7 @@ def main() -> None:
     ap.add_argument("--caption-budgets", type=budget_list, default=budget_list(every),
                     help=f"the joint recipes whose caption following is checked beside 16-bit (default {every}; "
                          "none: no caption check)")
+    ap.add_argument("--cache", type=Path, help="a folder for the probes' caches: a rerun resumes them")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = FAST if args.fast else FULL
@@ -105,20 +112,23 @@ def main() -> None:
     train, held = split_scenes()
     probe_prompts = [s.caption for s in train[:: max(1, len(train) // cfg.samples)][: cfg.samples]]
     eval_prompts = [s.caption for s in held[: cfg.prompts]]
+    second = max(cfg.prompts, cfg.caption_prompts)
+    set_b = [s.caption for s in held[second: second + cfg.second_prompts]]  # disjoint from every other set
 
     # -- probes ------------------------------------------------------------------------------------
     model = pipeline_model(pipe, steps=cfg.steps)
     probe = model.probe_set(probe_prompts, seed=SEED, n_samples=cfg.samples)
     t = time.perf_counter()
-    joint_sens = probe_sensitivity(model, probe, cands, n_probes=cfg.probes, seed=SEED)
+    cache = {n: None if args.cache is None else str(args.cache / n) for n in ("pipeline", "unet", "text_encoder")}
+    joint_sens = probe_sensitivity(model, probe, cands, n_probes=cfg.probes, seed=SEED, cache=cache["pipeline"])
     joint_probe_s = time.perf_counter() - t
     t = time.perf_counter()
     own = {  # per-component probes: only the rows' splits need them
         "unet": probe_sensitivity(pipe.unet, make_probe_set(pipe.unet, default_probe_inputs(cfg.unet_samples, SEED)),
-                                  cands, n_probes=2, seed=SEED, progress=False),
+                                  cands, n_probes=2, seed=SEED, cache=cache["unet"], progress=False),
         "text_encoder": probe_sensitivity(pipe.text_encoder, make_probe_set(pipe.text_encoder, seed=SEED,
                                                                             tokenizer=pipe.tokenizer),
-                                          cands, n_probes=4, seed=SEED, progress=False),
+                                          cands, n_probes=4, seed=SEED, cache=cache["text_encoder"], progress=False),
     } if args.budgets else {}
     own_probe_s = time.perf_counter() - t
 
@@ -130,13 +140,20 @@ def main() -> None:
     uniform4 = uniform[4].size_bytes
     budgets = {BUDGETS["u4"]: uniform4, **{BUDGETS[b]: sum(fixed.values()) + int(float(b) * total_numel / 8)
                                            for b in ("3", "2.5")}}
-    joints = {label: allocate_pipeline(pipe, budget / 1e9, prompts=probe_prompts, n_samples=cfg.samples,
-                                       steps=cfg.steps, sensitivity=joint_sens, candidates=cands, seed=SEED,
-                                       calibrate=False, progress=False)
-              for label, budget in budgets.items() if label in args.budgets + args.caption_budgets}
+
+    def joint_recipe(budget: int, refine: int | None = None) -> PipelineRecipe:
+        return allocate_pipeline(pipe, budget / 1e9, prompts=probe_prompts, n_samples=cfg.samples, steps=cfg.steps,
+                                 sensitivity=joint_sens, candidates=cands, seed=SEED, refine=refine, progress=False)
+
+    t = time.perf_counter()
+    joints = {label: joint_recipe(budget) for label, budget in budgets.items()
+              if label in args.budgets + args.caption_budgets}
+    refine_s = (time.perf_counter() - t) / max(1, len(joints))
 
     # -- evaluation: image PSNR of the real pipeline, 20 steps, held-out captions ------------------
     ref = pipe(eval_prompts, steps=20, seed=SEED) if args.budgets else None
+    ref_b = pipe(set_b, steps=20, seed=SEED) if args.budgets else None
+    probe_refs = outputs(model, probe)
     # every candidate palette of every layer, fitted once (all bit-widths of a layer from one pass)
     palettes: dict[tuple, object] = {}
     t = time.perf_counter()
@@ -157,12 +174,23 @@ def main() -> None:
             with palettized(comps["unet"], fitted("unet", pr.components["unet"])):
                 return pipe(prompts, steps=20, seed=SEED)
 
+    def scores(pr: PipelineRecipe) -> tuple[float, float, float]:
+        """Image PSNR on set A and on set B (20 steps, uint8), Apple's PSNR on the probe runs (4 steps)."""
+        with palettized(comps["text_encoder"], fitted("text_encoder", pr.components["text_encoder"])):
+            with palettized(comps["unet"], fitted("unet", pr.components["unet"])):
+                return (image_psnr(pipe(eval_prompts, steps=20, seed=SEED), ref),
+                        image_psnr(pipe(set_b, steps=20, seed=SEED), ref_b),
+                        Measurement.of(outputs(model, probe), probe_refs, probe.description).psnr)
+
     rows = []
     additive = []
-    bar = tqdm(total=len(args.budgets) * (3 + cfg.fractions), desc="evaluate", leave=False)
+    bar = tqdm(total=len(args.budgets) * (4 + cfg.fractions), desc="evaluate", leave=False)
     for label in args.budgets:
         budget, joint = budgets[label], joints[label]
-        row = {"budget": label, "bytes": budget, "joint": (joint.size_bytes, image_psnr(images(joint, eval_prompts), ref))}
+        row = {"budget": label, "bytes": budget, "joint": (joint.size_bytes, *scores(joint))}
+        bar.update()
+        plain = joint_recipe(budget, refine=0)
+        row["uncorrected"] = (plain.size_bytes, *scores(plain))
         bar.update()
         b = max(k for k in NBITS if uniform[k].size_bytes <= budget * 1.001)  # LUTs: uniform 3-bit is 0.01% over 3.0 b
         uni = uniform[b]
@@ -170,27 +198,28 @@ def main() -> None:
         bar.update()
         prop = proportional_fraction(dense)
         pr = split_allocation(own, dense, budget, prop)
-        row["proportional"] = (pr.size_bytes, image_psnr(images(pr, eval_prompts), ref), prop)
+        row["proportional"] = (pr.size_bytes, *scores(pr), prop)
         bar.update()
         sweep = []
         for f in feasible_fractions(own, dense, budget, cfg.fractions):
             sr = split_allocation(own, dense, budget, f)
-            sweep.append((sr.size_bytes, image_psnr(images(sr, eval_prompts), ref), float(f)))
+            sweep.append((sr.size_bytes, *scores(sr), float(f)))
             bar.update()
         row["sweep"] = sweep
-        row["best"] = max(sweep, key=lambda s: s[1])
+        row["best"] = max(sweep, key=lambda s: s[1])  # chosen on set A: the oracle
+        row["best_b"] = max(sweep, key=lambda s: s[2])  # chosen on set B
+        row["by_probe"] = max(sweep, key=lambda s: s[3])  # chosen on the probe runs
+        row["refine"] = joint.info["refine"]
         rows.append(row)
         tqdm.write(f"{label}: {row}", file=sys.stderr)  # as it comes, in case the run is cut short
-        # additive prediction: sum at 4 steps, measured at 4 steps (the probe runs: what calibrate_recipe
+        # additive prediction: sum at 4 steps, measured at 4 steps (the probe runs: what the calibration
         # measures), measured at 20 steps (held-out captions, other seeds)
         held_set = model.with_steps(20).probe_set(eval_prompts[:8], seed=100, n_samples=min(8, len(eval_prompts)))
-        measured = []
-        for ps, m in ((probe, model), (held_set, model.with_steps(20))):
-            refs = outputs(m, ps)
-            with palettized(comps["text_encoder"], fitted("text_encoder", joint.components["text_encoder"])):
-                with palettized(comps["unet"], fitted("unet", joint.components["unet"])):
-                    measured.append(Measurement.of(outputs(m, ps), refs, ps.description).psnr)
-        additive.append((label, joint.predicted_psnr, *measured, joint.bits_per_weight,
+        refs = outputs(model.with_steps(20), held_set)
+        with palettized(comps["text_encoder"], fitted("text_encoder", joint.components["text_encoder"])):
+            with palettized(comps["unet"], fitted("unet", joint.components["unet"])):
+                m20 = Measurement.of(outputs(model.with_steps(20), held_set), refs, held_set.description).psnr
+        additive.append((label, joint.info["additive_psnr"], row["joint"][3], m20, joint.bits_per_weight,
                          {c: r.bits_per_weight for c, r in joint.components.items()}))
         tqdm.write(f"{label}: additive {additive[-1]}", file=sys.stderr)
     bar.close()
@@ -212,20 +241,34 @@ def main() -> None:
     print(f"joint probe: {cfg.samples} prompts x {cfg.steps} steps x {cfg.probes} passes, {joint_probe_s:.0f} s; "
           f"per-component probes {own_probe_s:.0f} s; every candidate palette fitted once, {fit_s:.0f} s")
     print(f"image PSNR (dB, uint8) vs the 16-bit pipeline: {len(eval_prompts)} held-out captions, 20 steps, seed {SEED}")
-    print(f"{'budget':<20} {'MB':>7} | {'joint':>13} | {'uniform':>20} | {'proportional':>20} | {'best swept split':>22} "
-          f"| {'joint-prop':>10} {'joint-best':>10}")
+    print(f"{'budget':<20} {'MB':>7} | {'joint':>13} | {'uncorrected':>13} | {'uniform':>20} | {'proportional':>20} | "
+          f"{'best swept split':>22} | {'joint-prop':>10} {'joint-best':>10}")
     for r in rows:
-        js, jp = r["joint"]
+        js, jp = r["joint"][:2]
+        cs, cp = r["uncorrected"][:2]
         us, up, ub = r["uniform"]
-        ps, pp, pf = r["proportional"]
-        bs, bp, bf = r["best"]
+        ps, pp, _, _, pf = r["proportional"]
+        bs, bp, _, _, bf = r["best"]
         print(f"{r['budget']:<20} {r['bytes'] / MB:>7.3f} | {jp:>6.2f} {js / r['bytes']:>6.4f} | "
+              f"{cp:>6.2f} {cs / r['bytes']:>6.4f} | "
               f"{up:>6.2f} {ub}b {us / r['bytes']:>6.4f} | {pp:>6.2f} f={pf:.2f} {ps / r['bytes']:>6.4f} | "
               f"{bp:>6.2f} f={bf:.2f} {bs / r['bytes']:>6.4f} | {jp - pp:>+10.2f} {jp - bp:>+10.2f}")
-    print("(each cell: PSNR, then size / budget; f: the fraction of the room for palettized weights given to the "
-          "text encoder)")
+    print("(each cell: PSNR on set A, then size / budget; f: the fraction of the room for palettized weights given "
+          "to the text encoder)")
     for r in rows:
-        print(f"  sweep {r['budget']}: " + ", ".join(f"f={f:.2f} {p:.2f}" for _, p, f in r["sweep"]))
+        print(f"  sweep {r['budget']} (A / B / probe runs): "
+              + ", ".join(f"f={f:.2f} {a:.2f}/{b:.2f}/{p:.2f}" for _, a, b, p, f in r["sweep"]))
+        print(f"  measured correction {r['budget']}: {r['refine']}")
+    print(f"\nselection on the test set: image PSNR on set B ({len(set_b)} other held-out captions, never used to "
+          "choose), and Apple's PSNR on the probe runs (4 steps)")
+    print(f"  {'budget':<20} | {'joint':>13} | {'uncorrected':>13} | {'proportional':>13} | {'split best on A':>20} | "
+          f"{'split best on B':>20} | {'split best on probe':>20}")
+    for r in rows:
+        cells = [f"{r[k][2]:>6.2f}/{r[k][3]:>6.2f}" for k in ("joint", "uncorrected", "proportional")]
+        cells += [f"{r[k][2]:>6.2f}/{r[k][3]:>6.2f} f={r[k][4]:.2f}" for k in ("best", "best_b", "by_probe")]
+        print(f"  {r['budget']:<20} | " + " | ".join(cells))
+    print(f"(each cell: set B / probe runs; joint measured correction {refine_s:.0f} s per budget, "
+          "with its calibration and fitting)")
     print("\nadditive prediction (Apple's PSNR of the float images, dB): predicted additive sum (4 steps) | "
           "measured on the probe runs (4 steps) | measured on 8 held-out captions (20 steps); joint bits per weight")
     for label, add, cal, m20, bits, per in additive:

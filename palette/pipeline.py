@@ -5,7 +5,7 @@ layer judged on the generated image.
 pipeline as one module (`PipelineOutput`: prompts and seeded noise -> a few sampler steps with the
 pipeline's own scheduler -> the image), probes every layer of every component against that one
 output, runs one knapsack over all of them (`allocate_bits` on that module) with the measured
-calibration, and splits the joint recipe by component into a `PipelineRecipe`: one `Recipe` per
+correction for interacting layers and calibration (`refine_recipe`), and splits the joint recipe by component into a `PipelineRecipe`: one `Recipe` per
 component (names as in the component, so each applies and exports on its own) and the total.
 
 Errors are comparable across components because they are all the same quantity: the change of the
@@ -38,6 +38,7 @@ from .spec import PaletteSpec
 FORMAT = "palette.pipeline_recipe"
 VERSION = 1
 DEFAULT_GUIDANCE = 7.5  # diffusers' Stable Diffusion default, for pipelines that do not say
+REFINE_ROUNDS = 2  # default rounds of the measured correction (`refine_recipe`) for a pipeline
 EXTRAS = ("tokenizer", "scheduler", "guidance_scale", "max_tokens", "attention_mask", "denoise")
 
 
@@ -221,6 +222,7 @@ def allocate_pipeline(
     n_probes: int | None = None,
     seed: int = 0,
     calibrate: bool = True,
+    refine: int | None = None,
     cache: str | None = None,
     progress: bool = True,
 ) -> PipelineRecipe:
@@ -231,15 +233,18 @@ def allocate_pipeline(
     weight over all components. Probe runs: `n_samples` prompts (`prompts`, else the built-in
     list) with seeds `seed`, `seed + 1`, ..., `steps` steps of the pipeline's own scheduler.
     `calibrate` runs the recipe's pipeline once on those inputs and makes that its
-    `predicted_psnr` (the additive estimate stays in `info["additive_psnr"]`). The pipeline is not
-    modified."""
+    `predicted_psnr` (the additive estimate stays in `info["additive_psnr"]`); with it, `refine`
+    rounds (default `REFINE_ROUNDS`) of the measured correction for interacting layers
+    (`refine_recipe`: per-component measured / additive error ratios, knapsack again, the best
+    recipe measured on the probe runs kept). The pipeline is not modified."""
     model = pipeline_model(pipeline, steps=steps, guidance_scale=guidance_scale)
     probe = model.probe_set(prompts, seed=seed, n_samples=n_samples)
     if sensitivity is None:
         sensitivity = probe_sensitivity(model, probe, candidates, method=method, n_probes=n_probes, seed=seed,
                                         cache=cache, progress=progress)
     joint = allocate_bits(model, budget_gb, budget_bits=budget_bits, inputs=probe, sensitivity=sensitivity,
-                          candidates=candidates, seed=seed, calibrate=calibrate, progress=progress)
+                          candidates=candidates, seed=seed, calibrate=calibrate,
+                          refine=REFINE_ROUNDS if refine is None else refine, progress=progress)
     joint.info["pipeline"] = {"components": list(model.components), "steps": steps,
                               "guidance_scale": model.guidance_scale, "samples": n_samples}
     return split_recipe(joint, model, sensitivity)

@@ -250,3 +250,29 @@ def test_calibrated_prediction_is_the_recipe_measured_on_the_probe_set(sens) -> 
     uncalibrated = allocate_bits(model, budget_bits=2.5, sensitivity=sens, progress=False)  # no inputs
     assert uncalibrated.predicted_psnr == recipe.info["additive_psnr"]
     assert "not calibrated" in uncalibrated.info["calibration"]
+
+
+@pytest.mark.parametrize("bits", [2.0, 3.0])
+def test_measured_correction_keeps_the_best_measured_recipe_within_the_budget(sens, bits: float) -> None:
+    model = tiny_model()
+    before = state(model)
+    plain = allocate_bits(model, budget_bits=bits, sensitivity=sens, inputs=INPUTS, progress=False)
+    refined = allocate_bits(model, budget_bits=bits, sensitivity=sens, inputs=INPUTS, refine=2, progress=False)
+    assert "refine" not in plain.info
+    numel = sum(math.prod(s) for s in refined.shapes.values())
+    assert refined.size_bytes <= refined.fixed_bytes + int(bits * numel / 8)
+    # its prediction is what it measures; never worse on the probe set than the uncorrected recipe
+    assert refined.predicted_psnr == significant(measure(model, refined, INPUTS).psnr, PSNR_DIGITS)
+    info = refined.info["refine"]
+    assert info["first_measured_psnr"] == plain.predicted_psnr
+    assert refined.predicted_psnr >= plain.predicted_psnr
+    # each group here is one layer: its ratio is that layer's measured error over its probed one
+    ratios = info["rounds"][0]["ratios"]
+    assert set(ratios) == {n.split(".")[0] for n in plain.palettized}
+    for n, spec in plain.palettized.items():
+        alone = measure(model, {n: spec}, INPUTS).mse / sens.errors_per_sample(n, spec).mean()
+        assert ratios[n] == significant(alone, 3)
+    assert 1 <= len(info["rounds"]) <= 2
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    again = allocate_bits(tiny_model(), budget_bits=bits, sensitivity=sens, inputs=INPUTS, refine=2, progress=False)
+    assert again.dumps() == refined.dumps()

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from palette import Candidates, allocate_bits, probe_sensitivity
+from palette.allocate import PSNR_DIGITS
 from palette.metadata import carries
+from palette.metrics import significant
 from palette.pipeline import PipelineRecipe, pipeline_model
 from palette.probe.pipeline_inputs import PipelineOutput
 from palette.recipe import Recipe, target_layers
@@ -132,6 +134,26 @@ def test_same_inputs_and_seed_give_the_same_bytes(allocated) -> None:
     again = allocate_bits(tiny_pipeline(), budget_bits=3.0, candidates=CANDS, n_probes=2, seed=0, progress=False,
                           inputs=["a red circle", "a blue square"])
     assert again.dumps() == rec.dumps()
+
+
+def test_the_measured_correction_keeps_the_recipe_that_measures_best_on_the_probe_runs(allocated) -> None:
+    from palette.probe.measure import measure
+
+    pipe, _, rec = allocated
+    info = rec.info["refine"]
+    assert info["rounds"] and set(info["rounds"][0]["ratios"]) <= set(rec.components)
+    assert all(r > 0 for step in info["rounds"] for r in step["ratios"].values())
+    assert rec.predicted_psnr == max(info["first_measured_psnr"],
+                                     *(step.get("measured_psnr", -math.inf) for step in info["rounds"]))
+    # the kept recipe's prediction is its measured PSNR on the probe runs, the same as measure() gives
+    model = pipeline_model(pipe)
+    probe = model.probe_set(["a red circle", "a blue square"], seed=0, n_samples=8)
+    joint = {f"{c}.{n}": s for c, r in rec.components.items() for n, s in r.palettized.items()}
+    assert rec.predicted_psnr == significant(measure(model, joint, probe).psnr, PSNR_DIGITS)
+    plain = allocate_bits(tiny_pipeline(), budget_bits=3.0, candidates=CANDS, n_probes=2, seed=0, progress=False,
+                          inputs=["a red circle", "a blue square"], refine=0)
+    assert "refine" not in plain.info and plain.predicted_psnr == info["first_measured_psnr"]
+    assert rec.size_bytes <= plain.info["budget"]["bytes"] and plain.size_bytes <= plain.info["budget"]["bytes"]
 
 
 def test_bad_pipelines_and_files_give_clear_errors(allocated, tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cluster import Palette
 from ..metrics import psnr_from_mse
 from ..palettize import palettized_per_call, untouched
 from ..recipe import PaletteSpec, Recipe, SpecMapping, as_recipe
@@ -80,6 +82,11 @@ def palettized_outputs(
     """The model's outputs on `probe` with `plan` applied (fitted first; each layer palettized
     only while it runs, so no copy of the weights is made), run in eval mode; the model restored
     after, whatever happens."""
-    palettes = as_recipe(model, plan, seed=seed).palettes(model)
+    return outputs_with(model, as_recipe(model, plan, seed=seed).palettes(model), probe)
+
+
+def outputs_with(model: nn.Module, palettes: Mapping[str, Palette], probe: ProbeSet) -> list[torch.Tensor]:
+    """The model's outputs on `probe` computed with already fitted `palettes` (`palettized_per_call`);
+    the model restored after, whatever happens."""
     with untouched(model), palettized_per_call(model, palettes):
         return outputs(model, probe)
