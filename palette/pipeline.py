@@ -5,8 +5,9 @@ layer judged on the generated image.
 pipeline as one module (`PipelineOutput`: prompts and seeded noise -> a few sampler steps with the
 pipeline's own scheduler -> the image), probes every layer of every component against that one
 output, runs one knapsack over all of them (`allocate_bits` on that module) with the measured
-correction for interacting layers and calibration (`refine_recipe`), and splits the joint recipe by component into a `PipelineRecipe`: one `Recipe` per
-component (names as in the component, so each applies and exports on its own) and the total.
+correction for interacting layers and calibration (`refine_recipe`), and splits the joint recipe
+by component into a `PipelineRecipe`: one `Recipe` per component (names as in the component, so
+each applies and exports on its own) and the total.
 
 Errors are comparable across components because they are all the same quantity: the change of the
 same images (per sample, MSE over pixels) that palettizing one layer causes, whatever component the
