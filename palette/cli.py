@@ -235,7 +235,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         probe = _probe_set(args, loaded, sens.seed)
     recipe = allocate_bits(loaded.model, args.budget_gb, budget_bits=args.budget_bits, inputs=probe,
                            sensitivity=sens, candidates=_candidates(args), importance=args.importance,
-                           seed=args.seed, progress=not args.quiet)
+                           seed=args.seed, refine=args.refine, progress=not args.quiet)
     out = Path(args.output)
     recipe.info["command"] = "palette " + shlex.join(args.argv)
     if loaded.hub_id:
@@ -583,6 +583,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value <= 0:
@@ -652,6 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "from half a bit above the fewest candidate bits)")
     p.add_argument("--importance", action="store_true",
                    help="also try Fisher-weighted k-means per layer, kept where predicted better (fast method)")
+    p.add_argument("--refine", type=_count, default=None, metavar="N",
+                   help="rounds of the measured correction for interacting layers: each top-level module's "
+                   "(component's) errors rescaled by what the recipe measures, knapsack again, the best measured "
+                   "recipe kept (default: 2 for a pipeline, 0 for one model)")
     p.add_argument("--measure", action="store_true",
                    help="also measure the recipe's real output PSNR (recorded in the recipe's info)")
     p.add_argument("--apple-json", metavar="PATH",

@@ -42,7 +42,7 @@ def allocate(args: argparse.Namespace, candidates: Any) -> int:
     _note(args, f"probing {label} on its images ({samples} prompts, {PROBE_STEPS} sampler steps)...")
     rec = allocate_pipeline(pipe, args.budget_gb, budget_bits=args.budget_bits, prompts=prompts or None,
                             n_samples=samples, candidates=candidates, method=args.method, n_probes=args.probes,
-                            seed=args.seed, cache=args.cache, progress=not args.quiet)
+                            seed=args.seed, refine=args.refine, cache=args.cache, progress=not args.quiet)
     rec.info["command"] = "palette " + shlex.join(args.argv)
     out = Path(args.output)
     rec.save(out)

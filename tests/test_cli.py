@@ -77,6 +77,7 @@ def test_help_lists_every_subcommand_and_reads_well(capsys) -> None:
         (["allocate", "--model", "minilm", "--budget-gb", "1", "--budget-bits", "3"], "not allowed with"),
         (["analyze", "--model", "minilm", "--nbits", "5"], "invalid choice"),
         (["analyze", "--model", "minilm", "--samples", "0"], "must be >= 1"),
+        (["allocate", "--model", "minilm", "--budget-bits", "3", "--refine", "-1"], "must be >= 0"),
         (["analyze"], "--model"),
         (["frobnicate"], "invalid choice"),
     ],
@@ -138,6 +139,17 @@ def test_allocate_json_matches_the_recipe_and_measures(unet_dir, sens_file, tmp_
     assert result["size_bytes"] == recipe.size_bytes and result["bits_per_weight"] <= 3.0
     assert result["predicted_psnr"] == pytest.approx(recipe.predicted_psnr)
     assert 0 < result["measured"]["psnr"] < 100 and set(result["specs"]) <= {"2b", "4b", "16-bit"}
+
+
+def test_allocate_refine_records_its_rounds(unet_dir, sens_file, tmp_path, capsys) -> None:
+    """--refine N: the measured correction runs on the sensitivity's own probe set; the recipe
+    records its rounds and is calibrated by them, within the budget."""
+    code, _, _ = run(capsys, "allocate", "--model", unet_dir, "--sensitivity", sens_file, "--budget-bits", "3",
+                     "-o", tmp_path / "r.json", "--plot", "none", "--samples", "2", "--refine", "1", "-q")
+    recipe = Recipe.load(tmp_path / "r.json")
+    assert code == 0 and recipe.bits_per_weight <= 3.0
+    refine = recipe.info["refine"]
+    assert refine["forward_passes"] >= 2 and recipe.predicted_psnr >= refine["first_measured_psnr"]
 
 
 def test_allocate_budget_gb_text_output(unet_dir, sens_file, tmp_path, capsys) -> None:
