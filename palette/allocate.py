@@ -477,6 +477,10 @@ def _allocate_bits(model, budget_gb, budget_bits, inputs, sensitivity, candidate
         elif refine and probe.description == sensitivity.inputs_description:
             recipe = refine_recipe(model, recipe, probe, options, solve_with, refine)
         else:
+            if refine:
+                warnings.warn(f"refine={refine} not run: the measured correction needs the sensitivity's own probe "
+                              f"set ({sensitivity.inputs_description}), not {probe.description}; pass those inputs",
+                              stacklevel=3)
             calibrate_recipe(model, recipe, probe, sensitivity)
     if max_chunk_bytes is not None:
         example = inputs if isinstance(inputs, (torch.Tensor, tuple, dict)) else None

@@ -276,3 +276,8 @@ def test_measured_correction_keeps_the_best_measured_recipe_within_the_budget(se
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     again = allocate_bits(tiny_model(), budget_bits=bits, sensitivity=sens, inputs=INPUTS, refine=2, progress=False)
     assert again.dumps() == refined.dumps()
+    # on another probe set than the sensitivity's it says so (and calibration says why it did not run)
+    other = [(torch.randn(4, 32, generator=torch.Generator().manual_seed(2)),)] * 2
+    with pytest.warns(UserWarning, match="refine=2 not run"):
+        elsewhere = allocate_bits(model, budget_bits=bits, sensitivity=sens, inputs=other, refine=2, progress=False)
+    assert "refine" not in elsewhere.info and "not calibrated" in elsewhere.info["calibration"]
