@@ -31,9 +31,11 @@ sum at 4 steps, measured at 4 steps on the probe runs, measured at 20 steps on h
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -169,18 +171,23 @@ def main() -> None:
     def fitted(name: str, recipe: Recipe) -> dict:
         return {n: palettes[(name, n, s)] for n, s in recipe.palettized.items()}
 
+    @contextlib.contextmanager
+    def applied(pr: PipelineRecipe) -> Iterator[None]:
+        """Both components carry `pr`'s palettes (fitted once, above) while the block runs."""
+        with palettized(comps["text_encoder"], fitted("text_encoder", pr.components["text_encoder"])), \
+                palettized(comps["unet"], fitted("unet", pr.components["unet"])):
+            yield
+
     def images(pr: PipelineRecipe, prompts: list[str]) -> np.ndarray:
-        with palettized(comps["text_encoder"], fitted("text_encoder", pr.components["text_encoder"])):
-            with palettized(comps["unet"], fitted("unet", pr.components["unet"])):
-                return pipe(prompts, steps=20, seed=SEED)
+        with applied(pr):
+            return pipe(prompts, steps=20, seed=SEED)
 
     def scores(pr: PipelineRecipe) -> tuple[float, float, float]:
         """Image PSNR on set A and on set B (20 steps, uint8), Apple's PSNR on the probe runs (4 steps)."""
-        with palettized(comps["text_encoder"], fitted("text_encoder", pr.components["text_encoder"])):
-            with palettized(comps["unet"], fitted("unet", pr.components["unet"])):
-                return (image_psnr(pipe(eval_prompts, steps=20, seed=SEED), ref),
-                        image_psnr(pipe(set_b, steps=20, seed=SEED), ref_b),
-                        Measurement.of(outputs(model, probe), probe_refs, probe.description).psnr)
+        with applied(pr):
+            return (image_psnr(pipe(eval_prompts, steps=20, seed=SEED), ref),
+                    image_psnr(pipe(set_b, steps=20, seed=SEED), ref_b),
+                    Measurement.of(outputs(model, probe), probe_refs, probe.description).psnr)
 
     rows = []
     additive = []
@@ -216,9 +223,8 @@ def main() -> None:
         # measures), measured at 20 steps (held-out captions, other seeds)
         held_set = model.with_steps(20).probe_set(eval_prompts[:8], seed=100, n_samples=min(8, len(eval_prompts)))
         refs = outputs(model.with_steps(20), held_set)
-        with palettized(comps["text_encoder"], fitted("text_encoder", joint.components["text_encoder"])):
-            with palettized(comps["unet"], fitted("unet", joint.components["unet"])):
-                m20 = Measurement.of(outputs(model.with_steps(20), held_set), refs, held_set.description).psnr
+        with applied(joint):
+            m20 = Measurement.of(outputs(model.with_steps(20), held_set), refs, held_set.description).psnr
         additive.append((label, joint.info["additive_psnr"], row["joint"][3], m20, joint.bits_per_weight,
                          {c: r.bits_per_weight for c, r in joint.components.items()}))
         tqdm.write(f"{label}: additive {additive[-1]}", file=sys.stderr)
