@@ -382,6 +382,7 @@ def allocate_bits(
     *,
     budget_bits: float | None = None,
     inputs: ProbeSet | Any = None,
+    n_samples: int | None = None,
     sensitivity: Sensitivity | None = None,
     candidates: Candidates | Sequence[PaletteSpec] | None = None,
     method: str = "fast",
@@ -399,9 +400,10 @@ def allocate_bits(
 
     `budget_gb`: decimal GB of the whole model as stored; `budget_bits`: average bits per target
     weight instead. `inputs`: a `ProbeSet` (`make_probe_set`) or what it takes (None synthesises
-    data-free inputs), built once and used to probe and to calibrate. `candidates`: the layers and
-    specs that compete (`Candidates`; `APPLE` for recipes Apple's ml-stable-diffusion flow applies in
-    full). `importance=True` also scores, per layer and spec, k-means weighted by the probe's Fisher
+    data-free inputs), built once and used to probe and to calibrate; `n_samples`: how many
+    samples it synthesises (default `DEFAULT_SAMPLES`; for a pipeline, prompts with their seeds,
+    default `PIPELINE_SAMPLES`). `candidates`: the layers and specs that compete (`Candidates`;
+    `APPLE` for recipes Apple's ml-stable-diffusion flow applies in full). `importance=True` also scores, per layer and spec, k-means weighted by the probe's Fisher
     importance, and keeps it (its LUT stored in the recipe) only where it predicts less error.
     `calibrate=True` makes the recipe measured on the probe set its `predicted_psnr`; without the
     probe set (a `sensitivity` from inputs not given here) the additive estimate is kept and
@@ -417,6 +419,8 @@ def allocate_bits(
     budget_gb, budget_bits = check_budget(budget_gb, budget_bits)
     if n_probes is not None:
         n_probes = integer(n_probes, "n_probes", minimum=1)
+    if n_samples is not None:
+        n_samples = integer(n_samples, "n_samples", minimum=1)
     seed = integer(seed, "seed")
     if not isinstance(model, nn.Module):
         from .pipeline import allocate_pipeline
@@ -425,17 +429,18 @@ def allocate_bits(
             raise ValueError("importance and max_chunk_bytes apply to one model, not to a pipeline")
         if inputs is not None and not (isinstance(inputs, (list, tuple)) and all(isinstance(p, str) for p in inputs)):
             raise ValueError("a pipeline's inputs are prompts (a list of strings)")
-        return allocate_pipeline(model, budget_gb, budget_bits=budget_bits, prompts=inputs, sensitivity=sensitivity,
-                                 candidates=candidates, method=method, n_probes=n_probes, seed=seed,
-                                 calibrate=calibrate, refine=refine, cache=cache, progress=progress)
+        samples = {} if n_samples is None else {"n_samples": n_samples}
+        return allocate_pipeline(model, budget_gb, budget_bits=budget_bits, prompts=inputs, **samples,
+                                 sensitivity=sensitivity, candidates=candidates, method=method, n_probes=n_probes,
+                                 seed=seed, calibrate=calibrate, refine=refine, cache=cache, progress=progress)
     refine = 0 if refine is None else integer(refine, "refine", minimum=0)
     check_loaded(model)
     with untouched(model):
-        return _allocate_bits(model, budget_gb, budget_bits, inputs, sensitivity, candidates, method, n_probes,
-                              seed, importance, max_chunk_bytes, calibrate, refine, cache, progress)
+        return _allocate_bits(model, budget_gb, budget_bits, inputs, n_samples, sensitivity, candidates, method,
+                              n_probes, seed, importance, max_chunk_bytes, calibrate, refine, cache, progress)
 
 
-def _allocate_bits(model, budget_gb, budget_bits, inputs, sensitivity, candidates, method, n_probes, seed,
+def _allocate_bits(model, budget_gb, budget_bits, inputs, n_samples, sensitivity, candidates, method, n_probes, seed,
                    importance, max_chunk_bytes, calibrate, refine, cache, progress) -> Recipe:
     cands = as_candidates(candidates)
     targets = cands.layers(model)
@@ -444,7 +449,8 @@ def _allocate_bits(model, budget_gb, budget_bits, inputs, sensitivity, candidate
     probe = None
     try:
         probe_seed = seed if sensitivity is None else sensitivity.seed
-        probe = inputs if isinstance(inputs, ProbeSet) else make_probe_set(model, inputs, seed=probe_seed)
+        samples = {} if n_samples is None else {"n_samples": n_samples}
+        probe = inputs if isinstance(inputs, ProbeSet) else make_probe_set(model, inputs, seed=probe_seed, **samples)
     except ValueError as e:
         if sensitivity is None:
             raise

@@ -29,6 +29,7 @@ from .models.load import MODEL_HELP, PALETTES_FILE, Loaded, load_model
 from .models.pipelines import DEFAULT_PIPELINE, is_pipeline
 from .palettize import palettize, target_layers
 from .probe.inputs import DEFAULT_SAMPLES
+from .probe.pipeline_inputs import PIPELINE_SAMPLES
 from .probe.run import PASSES_PER_PROBE
 from .recipe import APPLE, Candidates
 from .spec import GRANULARITIES, NBITS, PaletteSpec
@@ -559,8 +560,9 @@ def _probe_options() -> argparse.ArgumentParser:
                    help="candidate LUT granularities: per_tensor, per_grouped_channel (default: both)")
     g.add_argument("--group-size", type=_positive, default=16, metavar="N",
                    help="output channels per LUT (per_grouped_channel)")
-    g.add_argument("--samples", type=_positive, default=DEFAULT_SAMPLES, metavar="N",
-                   help="probe samples (data-free, synthesised)")
+    g.add_argument("--samples", type=_positive, metavar="N",
+                   help=f"probe samples (data-free, synthesised; default {DEFAULT_SAMPLES}, for a whole pipeline "
+                        f"{PIPELINE_SAMPLES} prompts)")
     g.add_argument("--probes", type=_positive, metavar="K",
                    help="random projections, backward passes per sample (fast method; default: "
                         f"{PASSES_PER_PROBE} over all samples, at least 2 each)")
@@ -779,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
     joined = False
     try:
         joined = _join_torchrun(args)
+        if getattr(args, "samples", 0) is None:
+            args.samples = PIPELINE_SAMPLES if _whole_pipeline(args) else DEFAULT_SAMPLES
         return args.func(args)
     except (ValueError, ImportError) as e:  # bad arguments or input files (LoadError included)
         print(f"palette: error: {e}", file=sys.stderr)

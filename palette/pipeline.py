@@ -32,7 +32,15 @@ from ._version import __version__
 from .allocate import allocate_bits
 from .palettize import palettize, palettized
 from .probe import Sensitivity, probe_sensitivity
-from .probe.pipeline_inputs import COMPONENTS, DECODER, PROBE_STEPS, PipelineOutput, VaeDecoder, check_components
+from .probe.pipeline_inputs import (
+    COMPONENTS,
+    DECODER,
+    PIPELINE_SAMPLES,
+    PROBE_STEPS,
+    PipelineOutput,
+    VaeDecoder,
+    check_components,
+)
 from .recipe import Candidates, Recipe
 from .spec import PaletteSpec
 
@@ -214,7 +222,7 @@ def allocate_pipeline(
     *,
     budget_bits: float | None = None,
     prompts: Sequence[str] | None = None,
-    n_samples: int = 8,
+    n_samples: int = PIPELINE_SAMPLES,
     steps: int = PROBE_STEPS,
     guidance_scale: float | None = None,
     sensitivity: Sensitivity | None = None,

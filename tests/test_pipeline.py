@@ -66,7 +66,7 @@ def allocated():
     pipe = tiny_pipeline()
     before = state(pipe)
     rec = allocate_bits(pipe, budget_bits=3.0, candidates=CANDS, n_probes=2, seed=0, progress=False,
-                        inputs=["a red circle", "a blue square"])
+                        n_samples=8, inputs=["a red circle", "a blue square"])
     return pipe, before, rec
 
 
@@ -132,7 +132,7 @@ def test_pipeline_recipe_file_round_trips_byte_identically(allocated, tmp_path) 
 def test_same_inputs_and_seed_give_the_same_bytes(allocated) -> None:
     _, _, rec = allocated
     again = allocate_bits(tiny_pipeline(), budget_bits=3.0, candidates=CANDS, n_probes=2, seed=0, progress=False,
-                          inputs=["a red circle", "a blue square"])
+                          n_samples=8, inputs=["a red circle", "a blue square"])
     assert again.dumps() == rec.dumps()
 
 
@@ -151,7 +151,7 @@ def test_the_measured_correction_keeps_the_recipe_that_measures_best_on_the_prob
     joint = {f"{c}.{n}": s for c, r in rec.components.items() for n, s in r.palettized.items()}
     assert rec.predicted_psnr == significant(measure(model, joint, probe).psnr, PSNR_DIGITS)
     plain = allocate_bits(tiny_pipeline(), budget_bits=3.0, candidates=CANDS, n_probes=2, seed=0, progress=False,
-                          inputs=["a red circle", "a blue square"], refine=0)
+                          n_samples=8, inputs=["a red circle", "a blue square"], refine=0)
     assert "refine" not in plain.info and plain.predicted_psnr == info["first_measured_psnr"]
     assert rec.size_bytes <= plain.info["budget"]["bytes"] and plain.size_bytes <= plain.info["budget"]["bytes"]
 
@@ -252,6 +252,22 @@ def cli_loads(monkeypatch, pipe: dict):
     return obj
 
 
+def test_cli_allocate_probes_a_pipeline_on_its_default_prompt_count(allocated, tmp_path, monkeypatch) -> None:
+    import palette.pipeline_cli
+    from palette.cli import main
+    from palette.probe.inputs import DEFAULT_SAMPLES
+    from palette.probe.pipeline_inputs import PIPELINE_SAMPLES
+
+    _, _, rec = allocated
+    cli_loads(monkeypatch, tiny_pipeline())
+    asked = []
+    monkeypatch.setattr(palette.pipeline_cli, "allocate_pipeline", lambda *a, **kw: asked.append(kw["n_samples"]) or rec)
+    for extra in ([], ["--samples", "5"]):
+        out = tmp_path / f"r{len(asked)}.json"
+        assert main(["allocate", "--model", "default-pipeline", "--budget-bits", "3", "-o", str(out), "-q", *extra]) == 0
+    assert asked == [PIPELINE_SAMPLES, 5] and PIPELINE_SAMPLES != DEFAULT_SAMPLES
+
+
 def test_cli_apply_writes_every_component_and_replaces_no_foreign_folder(allocated, tmp_path, monkeypatch,
                                                                           capsys) -> None:
     from diffusers import UNet2DConditionModel
@@ -338,7 +354,7 @@ def test_a_transformer_pipeline_with_its_own_denoiser_call_is_allocated_jointly(
                                                timestep=t.reshape(-1).expand(len(x))))
     before = state(pipe)
     rec = allocate_bits(pipe, budget_bits=3.0, candidates=CANDS, n_probes=2, seed=0, progress=False,
-                        inputs=["a red circle", "a blue square"])
+                        n_samples=8, inputs=["a red circle", "a blue square"])
     assert isinstance(rec, PipelineRecipe) and set(rec.components) == {"text_encoder", "unet", "vae_decoder"}
     assert rec.bits_per_weight <= 3.0 and rec.components["unet"].palettized
     assert same_state(before, state(pipe))

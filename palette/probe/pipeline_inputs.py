@@ -28,6 +28,10 @@ DENOISER = "unet"
 DECODER = "vae_decoder"
 COMPONENTS = (TEXT_ENCODER, DENOISER, DECODER)
 PROBE_STEPS = 4  # sampler steps of the probe's pipeline runs (validation runs the full count)
+# Prompts (one seed each) of a pipeline's probe. A layer's error on the image varies far more across
+# prompts and seeds than on one model's output: on the default pipeline, 64 prompts rank layers well
+# enough for the joint recipe to beat every budget split, 4 to 16 do not (RESULTS, pipeline budget).
+PIPELINE_SAMPLES = 64
 
 
 class VaeDecoder(nn.Module):
@@ -136,7 +140,7 @@ class PipelineOutput(nn.Module):
         return {"input_ids": ids, "attention_mask": mask, "uncond_ids": uids, "uncond_mask": umask,
                 "noise": self.noise(seeds)}
 
-    def probe_set(self, prompts: Sequence[str] | None = None, seed: int = 0, n_samples: int = 8,
+    def probe_set(self, prompts: Sequence[str] | None = None, seed: int = 0, n_samples: int = PIPELINE_SAMPLES,
                   batch_size: int = 4) -> ProbeSet:
         """Data-free probe units: `n_samples` prompts (the given ones, else the built-in list, in
         turn) with seeds `seed`, `seed + 1`, ..., in batches of `batch_size`."""
