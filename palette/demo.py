@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .metrics import image_psnr
 from .palettize import target_layers
 from .plot import row_label, write_grid
+from .probe.pipeline_inputs import PIPELINE_SAMPLES
 from .recipe import Candidates, Recipe
 from .spec import PaletteSpec
 
@@ -36,11 +37,13 @@ class Settings:
     steps: int
     plot_bits: tuple[float, ...]  # budgets of the plot's mixed-bit curve
     granularities: tuple[str, ...]
+    pipeline_samples: int  # `--pipeline`: probe prompts of the joint probe (each component's own: as many)
 
 
 FULL = Settings(samples=2, probes=8, prompts=6, steps=20, plot_bits=(2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0),
-                granularities=("per_tensor", "per_grouped_channel"))
-FAST = Settings(samples=1, probes=2, prompts=3, steps=6, plot_bits=(3.0, 4.0), granularities=("per_tensor",))
+                granularities=("per_tensor", "per_grouped_channel"), pipeline_samples=PIPELINE_SAMPLES)
+FAST = Settings(samples=1, probes=2, prompts=3, steps=6, plot_bits=(3.0, 4.0), granularities=("per_tensor",),
+                pipeline_samples=2)
 
 
 @dataclass
@@ -211,14 +214,16 @@ def run_pipeline_demo(args: argparse.Namespace) -> int:
     comps = {"text_encoder": pipe.text_encoder, "unet": pipe.unet}
     cands = Candidates(granularities=cfg.granularities)
     quiet = args.quiet
+    n = cfg.pipeline_samples
     joint_sens = probe_sensitivity(pipeline_model(pipe), pipeline_model(pipe).probe_set(
-        probe_prompts, seed=args.seed, n_samples=2 * cfg.samples), cands, n_probes=2, seed=args.seed,
-        progress=not quiet)
-    own = {"unet": probe_sensitivity(pipe.unet, make_probe_set(pipe.unet, default_probe_inputs(cfg.samples, args.seed)),
-                                     cands, n_probes=cfg.probes, seed=args.seed, progress=not quiet),
+        probe_prompts, seed=args.seed, n_samples=n), cands, n_probes=2, seed=args.seed, progress=not quiet)
+    scenes = -(-n // 6)  # the UNet's own probe: 6 timesteps per scene, about as many samples
+    own = {"unet": probe_sensitivity(pipe.unet, make_probe_set(pipe.unet, default_probe_inputs(scenes, args.seed)),
+                                     cands, n_probes=2, seed=args.seed, progress=not quiet),
            "text_encoder": probe_sensitivity(pipe.text_encoder, make_probe_set(pipe.text_encoder, seed=args.seed,
+                                                                               n_samples=6 * scenes,
                                                                                tokenizer=pipe.tokenizer),
-                                             cands, n_probes=cfg.probes, seed=args.seed, progress=not quiet)}
+                                             cands, n_probes=2, seed=args.seed, progress=not quiet)}
     dense = {n: Recipe.dense(m, target_layers(m)) for n, m in comps.items()}
     numel = sum(sum(int(np.prod(s)) for s in r.shapes.values()) for r in dense.values())
     fixed = sum(r.fixed_bytes for r in dense.values())
@@ -233,7 +238,7 @@ def run_pipeline_demo(args: argparse.Namespace) -> int:
                                                   "per component, proportional split": []}
     files = {}
     for name, budget in tqdm(budgets.items(), desc="budgets", disable=quiet, leave=False):
-        joint = allocate_pipeline(pipe, budget / 1e9, prompts=probe_prompts, n_samples=2 * cfg.samples,
+        joint = allocate_pipeline(pipe, budget / 1e9, prompts=probe_prompts, n_samples=n,
                                   sensitivity=joint_sens, candidates=cands, seed=args.seed, progress=False)
         per = split_allocation(own, dense, budget, proportional_fraction(dense))
         path = out / f"pipeline_recipe_{name.split()[0]}.json"
