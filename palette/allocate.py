@@ -403,8 +403,9 @@ def allocate_bits(
     data-free inputs), built once and used to probe and to calibrate; `n_samples`: how many
     samples it synthesises (default `DEFAULT_SAMPLES`; for a pipeline, prompts with their seeds,
     default `PIPELINE_SAMPLES`). `candidates`: the layers and specs that compete (`Candidates`;
-    `APPLE` for recipes Apple's ml-stable-diffusion flow applies in full). `importance=True` also scores, per layer and spec, k-means weighted by the probe's Fisher
-    importance, and keeps it (its LUT stored in the recipe) only where it predicts less error.
+    `APPLE` for recipes Apple's ml-stable-diffusion flow applies in full). `importance=True` also
+    scores, per layer and spec, k-means weighted by the probe's Fisher importance, and keeps it (its
+    LUT stored in the recipe) only where it predicts less error.
     `calibrate=True` makes the recipe measured on the probe set its `predicted_psnr`; without the
     probe set (a `sensitivity` from inputs not given here) the additive estimate is kept and
     `info["calibration"]` says why. `refine`: rounds of the measured correction for interacting

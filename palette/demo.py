@@ -214,10 +214,10 @@ def run_pipeline_demo(args: argparse.Namespace) -> int:
     comps = {"text_encoder": pipe.text_encoder, "unet": pipe.unet}
     cands = Candidates(granularities=cfg.granularities)
     quiet = args.quiet
-    n = cfg.pipeline_samples
+    n_prompts = cfg.pipeline_samples
     joint_sens = probe_sensitivity(pipeline_model(pipe), pipeline_model(pipe).probe_set(
-        probe_prompts, seed=args.seed, n_samples=n), cands, n_probes=2, seed=args.seed, progress=not quiet)
-    scenes = -(-n // 6)  # the UNet's own probe: 6 timesteps per scene, about as many samples
+        probe_prompts, seed=args.seed, n_samples=n_prompts), cands, n_probes=2, seed=args.seed, progress=not quiet)
+    scenes = -(-n_prompts // 6)  # the UNet's own probe: 6 timesteps per scene, about as many samples
     own = {"unet": probe_sensitivity(pipe.unet, make_probe_set(pipe.unet, default_probe_inputs(scenes, args.seed)),
                                      cands, n_probes=2, seed=args.seed, progress=not quiet),
            "text_encoder": probe_sensitivity(pipe.text_encoder, make_probe_set(pipe.text_encoder, seed=args.seed,
@@ -238,7 +238,7 @@ def run_pipeline_demo(args: argparse.Namespace) -> int:
                                                   "per component, proportional split": []}
     files = {}
     for name, budget in tqdm(budgets.items(), desc="budgets", disable=quiet, leave=False):
-        joint = allocate_pipeline(pipe, budget / 1e9, prompts=probe_prompts, n_samples=n,
+        joint = allocate_pipeline(pipe, budget / 1e9, prompts=probe_prompts, n_samples=n_prompts,
                                   sensitivity=joint_sens, candidates=cands, seed=args.seed, progress=False)
         per = split_allocation(own, dense, budget, proportional_fraction(dense))
         path = out / f"pipeline_recipe_{name.split()[0]}.json"
