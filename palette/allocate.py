@@ -37,6 +37,7 @@ from .chunking import chunks_needed, layer_bytes_in_order
 from .cluster import fit_palettes
 from .probe import Measurement, ProbeSet, Sensitivity, make_probe_set, measure, probe_sensitivity
 from .probe.measure import outputs, outputs_with, per_sample_mse
+from .probe.pipeline_inputs import PIPELINE_SAMPLES
 from .probe.run import as_candidates
 from .recipe import Candidates, Recipe
 from .spec import PaletteSpec
@@ -410,8 +411,8 @@ def allocate_bits(
     probe set (a `sensitivity` from inputs not given here) the additive estimate is kept and
     `info["calibration"]` says why. `refine`: rounds of the measured correction for interacting
     layers (`refine_recipe`, in place of `calibrate_recipe`; needs `calibrate` and the probe set;
-    default 0 for one model, 2 for a pipeline). The model is not modified (`untouched`: run in eval mode, every
-    training flag and buffer restored, also on an exception or Ctrl-C).
+    default 0 for one model, 2 for a pipeline). The model is not modified (`untouched`: run in eval
+    mode, every training flag and buffer restored, also on an exception or Ctrl-C).
 
     Given a pipeline (a diffusers pipeline, the default pipeline, or a mapping of named components)
     instead of one model: one budget for all its components, allocated jointly on the generated
@@ -430,8 +431,8 @@ def allocate_bits(
             raise ValueError("importance and max_chunk_bytes apply to one model, not to a pipeline")
         if inputs is not None and not (isinstance(inputs, (list, tuple)) and all(isinstance(p, str) for p in inputs)):
             raise ValueError("a pipeline's inputs are prompts (a list of strings)")
-        samples = {} if n_samples is None else {"n_samples": n_samples}
-        return allocate_pipeline(model, budget_gb, budget_bits=budget_bits, prompts=inputs, **samples,
+        return allocate_pipeline(model, budget_gb, budget_bits=budget_bits, prompts=inputs,
+                                 n_samples=PIPELINE_SAMPLES if n_samples is None else n_samples,
                                  sensitivity=sensitivity, candidates=candidates, method=method, n_probes=n_probes,
                                  seed=seed, calibrate=calibrate, refine=refine, cache=cache, progress=progress)
     refine = 0 if refine is None else integer(refine, "refine", minimum=0)
@@ -450,8 +451,8 @@ def _allocate_bits(model, budget_gb, budget_bits, inputs, n_samples, sensitivity
     probe = None
     try:
         probe_seed = seed if sensitivity is None else sensitivity.seed
-        samples = {} if n_samples is None else {"n_samples": n_samples}
-        probe = inputs if isinstance(inputs, ProbeSet) else make_probe_set(model, inputs, seed=probe_seed, **samples)
+        probe = inputs if isinstance(inputs, ProbeSet) else make_probe_set(model, inputs, seed=probe_seed,
+                                                                           n_samples=n_samples)
     except ValueError as e:
         if sensitivity is None:
             raise

@@ -252,6 +252,16 @@ def cli_loads(monkeypatch, pipe: dict):
     return obj
 
 
+def test_a_pipeline_probe_set_defaults_to_the_pipeline_prompt_count() -> None:
+    from palette import make_probe_set
+    from palette.probe.inputs import DEFAULT_SAMPLES
+    from palette.probe.pipeline_inputs import PIPELINE_SAMPLES
+
+    model = pipeline_model(tiny_pipeline())
+    assert make_probe_set(model).samples == model.probe_set().samples == PIPELINE_SAMPLES != DEFAULT_SAMPLES
+    assert make_probe_set(model, n_samples=3).samples == 3
+
+
 def test_cli_allocate_probes_a_pipeline_on_its_default_prompt_count(allocated, tmp_path, monkeypatch) -> None:
     import palette.pipeline_cli
     from palette.cli import main

@@ -132,7 +132,7 @@ def make_probe_set(
     inputs: Any = None,
     *,
     seed: int = 0,
-    n_samples: int = DEFAULT_SAMPLES,
+    n_samples: int | None = None,
     batch_size: int | None = None,
     text_encoder: nn.Module | None = None,
     tokenizer: Any = None,
@@ -140,8 +140,9 @@ def make_probe_set(
     sample_size: int | tuple[int, int] | None = None,
 ) -> ProbeSet:
     """Normalise `inputs` (tuple, list of tuples, dict, callable) or synthesise them (inputs=None):
-    `n_samples` samples in units of `batch_size`, latents of `sample_size` (default: the model's
-    config) for a denoiser. Tensors go to the model's device when a unit runs."""
+    `n_samples` samples (default `DEFAULT_SAMPLES`; a whole pipeline's, `PIPELINE_SAMPLES` prompts)
+    in units of `batch_size`, latents of `sample_size` (default: the model's config) for a
+    denoiser. Tensors go to the model's device when a unit runs."""
     if inputs is not None:
         if callable(inputs) and not isinstance(inputs, (nn.Module, torch.Tensor)):
             return ProbeSet((inputs,), "user callable")
@@ -151,7 +152,11 @@ def make_probe_set(
         units = tuple(_as_unit(item, i) for i, item in enumerate(items))
         return ProbeSet(units, f"user inputs: {len(units)} batch(es)", max(_batch_of(item) for item in items),
                         sum(_batch_of(item) for item in items))
-    n_samples = integer(n_samples, "n_samples", minimum=1)
+    from .dit_inputs import dit_probe_set, is_dit  # it builds on this module's pieces
+    from .pipeline_inputs import PIPELINE_SAMPLES, PipelineOutput  # so does the whole pipeline as one module
+
+    default = PIPELINE_SAMPLES if isinstance(model, PipelineOutput) else DEFAULT_SAMPLES
+    n_samples = integer(default if n_samples is None else n_samples, "n_samples", minimum=1)
     if batch_size is not None:
         batch_size = integer(batch_size, "batch_size", minimum=1)
     try:
@@ -160,9 +165,6 @@ def make_probe_set(
         UNet2DConditionModel = ()  # type: ignore[assignment]
     if isinstance(model, UNet2DConditionModel):
         return _unet_probe_set(model, seed, n_samples, batch_size, text_encoder, tokenizer, scheduler, sample_size)
-    from .dit_inputs import dit_probe_set, is_dit  # it builds on this module's pieces
-    from .pipeline_inputs import PipelineOutput  # so does the whole pipeline as one module
-
     if isinstance(model, PipelineOutput):  # prompts and seeded noise -> the image
         return model.probe_set(seed=seed, n_samples=n_samples, batch_size=batch_size or 4)
 
